@@ -1,0 +1,48 @@
+# Thin wrappers around the runner; `make help` lists the targets.
+PYTHON  ?= python3
+PROFILE ?= default
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export MPLBACKEND = Agg
+
+.PHONY: help install study smoke test book lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## */\t/'
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with the pinned dependencies
+
+study: $(STAMP)  ## run every stage of PROFILE (default) and build the book
+	$(PY) -m moecollab run --profile $(PROFILE)
+	$(PY) -m moecollab book --profile $(PROFILE)
+
+smoke: $(STAMP)  ## the whole path at tiny sizes, then the book from it
+	$(PY) -m moecollab run --profile smoke
+	$(PY) -m moecollab book --profile smoke
+
+test: $(STAMP)  ## ruff, then the test suite (includes the smoke profile and a strict book build)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest
+
+book: $(STAMP)  ## rebuild the book from PROFILE's executed notebooks
+	$(PY) -m moecollab book --profile $(PROFILE)
+
+lint: $(STAMP)  ## ruff only
+	$(PY) -m ruff check src tests benchmarks
+
+bench: $(STAMP)  ## benchmarks that print ratios measured side by side
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:  ## remove the book build (artifacts and .venv are kept)
+	rm -rf _build book/notebooks

@@ -1,0 +1,7 @@
+"""``python -m moecollab``: see :mod:`moecollab.runner`."""
+
+import sys
+
+from .runner import main
+
+sys.exit(main())

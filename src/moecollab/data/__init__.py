@@ -1,0 +1,33 @@
+"""The embedded domain corpus: reading, splits, multiple-choice items, provenance.
+
+``load_corpus`` and ``load_general_text`` read the committed files in ``data/``;
+``make_mcq_items`` turns corpus entries into multiple-choice items; the corpus itself is built
+by ``python -m moecollab.data.build_corpus``.
+"""
+
+from moecollab.data.corpus import (
+    DATA_DIR,
+    DOMAINS,
+    SPLITS,
+    CorpusError,
+    load_corpus,
+    load_general_text,
+    normalise_headword,
+    split_of_headword,
+)
+from moecollab.data.mcq import make_mcq_items
+from moecollab.data.sampling import cap_entries, take_words
+
+__all__ = [
+    "DATA_DIR",
+    "DOMAINS",
+    "SPLITS",
+    "CorpusError",
+    "load_corpus",
+    "load_general_text",
+    "make_mcq_items",
+    "cap_entries",
+    "take_words",
+    "normalise_headword",
+    "split_of_headword",
+]

@@ -1,0 +1,306 @@
+"""Run the study's stages with papermill, skip what is unchanged, and build the book.
+
+``python -m moecollab run [--profile NAME|FILE] [-p key=value ...] [--from STAGE] [--only STAGE]
+[--force]`` and ``python -m moecollab book [--profile NAME]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import artifacts
+from .params import (
+    ParameterError,
+    find_profile,
+    load_profile,
+    parse_override,
+    profile_name,
+    resolve,
+    stage_parameters,
+)
+from .stages import STAGE_NAMES, STAGES, Stage
+
+logger = logging.getLogger("moecollab")
+KERNEL_NAME = "moecollab"
+
+
+class StageFailed(RuntimeError):
+    """A notebook raised; the message is the failing cell's error, not papermill's traceback."""
+
+
+@dataclass
+class Plan:
+    root: Path
+    profile: str                         # artifacts are filed under this name
+    parameters: dict[str, dict[str, Any]]
+    stages: list[Stage]                  # the stages to run, in order
+    artifacts_root: Path
+    force: bool = False
+
+
+def source_hash(root: Path) -> str:
+    """One hash of the package's Python sources: a code change re-runs the stages."""
+    package = root / "src" / "moecollab"
+    if not package.is_dir():  # installed without a source tree
+        package = Path(__file__).parent
+    files = sorted(package.rglob("*.py"))
+    return artifacts.text_sha256("".join(
+        f"{path.relative_to(package)}:{artifacts.file_sha256(path)}\n" for path in files))
+
+
+def make_plan(profile: str = "default", overrides: list[str] | None = None,
+              from_stage: str | None = None, only: str | None = None, force: bool = False,
+              root: Path | None = None, artifacts_root: Path | None = None) -> Plan:
+    """Resolve and check every parameter before anything heavy runs."""
+    root = root or artifacts.repo_root()
+    for option, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in STAGE_NAMES:
+            raise ParameterError(
+                f"{option} {value!r} is not a stage; stages are: {', '.join(STAGE_NAMES)}")
+    if from_stage and only:
+        raise ParameterError("give --from or --only, not both")
+    settings = load_profile(find_profile(profile, root))
+    declared = {stage.name: stage_parameters(stage, root) for stage in STAGES}
+    parameters = resolve(settings, [parse_override(text) for text in overrides or []], declared)
+    if only:
+        selected = [stage for stage in STAGES if stage.name == only]
+    elif from_stage:
+        selected = list(STAGES[STAGE_NAMES.index(from_stage):])
+    else:
+        selected = list(STAGES)
+    return Plan(root=root, profile=profile_name(profile), parameters=parameters,
+                stages=selected, artifacts_root=artifacts_root or root / "artifacts",
+                force=force)
+
+
+def stage_key(plan: Plan, stage: Stage, inputs: dict[str, str]) -> str:
+    """Everything that decides a stage's outputs, hashed."""
+    notebook = artifacts.file_sha256(plan.root / stage.notebook)
+    return artifacts.text_sha256(json.dumps({
+        "stage": stage.name, "parameters": plan.parameters[stage.name], "inputs": inputs,
+        "notebook": notebook, "source": source_hash(plan.root),
+    }, sort_keys=True, default=str))
+
+
+def upstream_hashes(plan: Plan, stage: Stage) -> dict[str, str]:
+    """Output hashes of the stages this one reads; a clear error if one is missing or broken."""
+    hashes = {}
+    for needed in stage.needs:
+        folder = plan.artifacts_root / plan.profile / needed
+        try:
+            hashes[needed] = artifacts.verify_stage(folder).outputs_hash
+        except FileNotFoundError:
+            raise artifacts.ArtifactError(
+                f"stage {stage.name} needs stage {needed}, which has no finished artifacts "
+                f"for profile {plan.profile!r}; run it first (drop --only/--from)") from None
+    return hashes
+
+
+def run(plan: Plan) -> list[str]:
+    """Run the planned stages in order; return what happened to each ("ran"/"skipped")."""
+    outcomes = []
+    for stage in plan.stages:
+        inputs = upstream_hashes(plan, stage)
+        key = stage_key(plan, stage, inputs)
+        folder = plan.artifacts_root / plan.profile / stage.name
+        if not plan.force and _is_current(folder, key, stage):
+            logger.info("%s: unchanged (parameters, inputs and code), skipped", stage.name)
+            outcomes.append("skipped")
+            continue
+        logger.info("%s: running %s", stage.name, stage.notebook)
+        seconds = execute_stage(plan, stage, key, inputs)
+        logger.info("%s: done in %.1f s", stage.name, seconds)
+        outcomes.append("ran")
+    return outcomes
+
+
+def _is_current(folder: Path, key: str, stage: Stage) -> bool:
+    try:
+        manifest = artifacts.verify_stage(folder)
+    except FileNotFoundError:
+        return False
+    except artifacts.ArtifactError as error:
+        logger.warning("%s: %s; re-running the stage", stage.name, error)
+        return False
+    return manifest.key == key
+
+
+def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) -> float:
+    """Execute one notebook into a temporary folder, then move it into place with a manifest."""
+    import jupytext
+    import papermill
+
+    final = plan.artifacts_root / plan.profile / stage.name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{stage.name}.partial-", dir=final.parent))
+    executed = plan.artifacts_root / plan.profile / "executed" / f"{stage.name}.ipynb"
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    parameters = {**plan.parameters[stage.name], "profile": plan.profile,
+                  "artifacts_root": str(plan.artifacts_root), "output_dir": str(work)}
+    notebook = jupytext.read(plan.root / stage.notebook)
+    started = time.perf_counter()
+    try:
+        with artifacts.atomic_path(executed) as tmp_executed:
+            try:
+                papermill.execute_notebook(
+                    notebook, str(tmp_executed), parameters=parameters,
+                    kernel_name=ensure_kernel(), cwd=str(plan.root), progress_bar=False,
+                    log_output=logger.isEnabledFor(logging.DEBUG))
+            except papermill.PapermillExecutionError as error:
+                shutil.copyfile(tmp_executed, executed)  # keep the failing copy to read
+                raise StageFailed(_describe_failure(stage, error, executed)) from None
+        seconds = time.perf_counter() - started
+        manifest = artifacts.Manifest(
+            stage=stage.name, profile=plan.profile, key=key,
+            parameters=plan.parameters[stage.name], inputs=inputs,
+            outputs=artifacts.hash_files(work), seconds=round(seconds, 2))
+        manifest.save(work)
+        artifacts.replace_folder(work, final)
+        return seconds
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+
+
+def _describe_failure(stage: Stage, error, executed: Path) -> str:
+    source = (error.source or "").strip().splitlines()
+    excerpt = "\n".join(f"    {line}" for line in source[-6:])
+    return (f"stage {stage.name} failed in cell {error.exec_count}: {error.ename}: "
+            f"{error.evalue}\n  cell source (last lines):\n{excerpt}\n"
+            f"  executed notebook kept at {executed}")
+
+
+def ensure_kernel() -> str:
+    """A kernelspec pinned to this Python, so papermill never picks up a stale user kernel."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().get_all_specs()
+    spec = specs.get(KERNEL_NAME, {}).get("spec", {})
+    if spec.get("argv", [None])[0] != sys.executable:
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=KERNEL_NAME, display_name="moecollab", prefix=sys.prefix)
+    return KERNEL_NAME
+
+
+# --------------------------------------------------------------------------------------- book
+
+def build_book(profile: str = "default", root: Path | None = None,
+               artifacts_root: Path | None = None, strict: bool = True) -> Path:
+    """Copy a profile's executed notebooks into ``book/notebooks`` and build the HTML book.
+
+    The build renders papermill's outputs as they are (``execute_notebooks: "off"``).
+    """
+    import nbformat
+
+    root = root or artifacts.repo_root()
+    name = profile_name(profile)
+    executed = (artifacts_root or root / "artifacts") / name / "executed"
+    chapters = root / "book" / "notebooks"
+    if chapters.exists():
+        shutil.rmtree(chapters)
+    chapters.mkdir(parents=True)
+    for stage in STAGES:
+        source = executed / f"{stage.name}.ipynb"
+        if not source.is_file():
+            raise artifacts.ArtifactError(
+                f"no executed notebook for stage {stage.name} in {executed}; run: "
+                f"python -m moecollab run --profile {profile}")
+        if nbformat.read(source, as_version=4).metadata.get("papermill", {}).get("exception"):
+            raise StageFailed(f"the executed notebook {source} ended with an error; re-run "
+                              f"the stage before building the book")
+        shutil.copyfile(source, chapters / source.name)
+    # Jupyter Book 1's command sits beside this Python (never `jupyter book`, which is JB2's).
+    command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--all",
+               "-q"]
+    if strict:
+        command += ["-W", "--keep-going"]
+    if subprocess.run(command, cwd=root).returncode != 0:
+        raise StageFailed("the book build failed (see the warnings above)")
+    return root / "_build" / "html" / "index.html"
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def _stage_help(root: Path) -> str:
+    lines = ["stages and their parameters (defaults from the notebooks):"]
+    for stage in STAGES:
+        lines.append(f"\n  {stage.name}  {stage.title}")
+        try:
+            declared = stage_parameters(stage, root)
+        except ParameterError as error:
+            lines.append(f"    ({error})")
+            continue
+        checks = stage.all_checks()
+        for name, parameter in declared.items():
+            if name in ("profile", "artifacts_root", "output_dir"):
+                continue
+            allowed = f" [{checks[name].describe()}]" if name in checks else ""
+            lines.append(f"    {parameter.describe()}{allowed}")
+    return "\n".join(lines)
+
+
+def build_parser(root: Path) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m moecollab",
+        description="Run the moecollab study stage by stage and build its book.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_stage_help(root))
+    parser.add_argument("-v", "--verbose", action="store_true", help="show notebook output")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser(
+        "run", help="run the stages of a profile", epilog=_stage_help(root),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_parser.add_argument("--profile", default="default",
+                            help="profile name in notebooks/params/ or a YAML file")
+    run_parser.add_argument("-p", dest="overrides", action="append", default=[],
+                            metavar="KEY=VALUE",
+                            help="override a parameter (or STAGE.KEY=VALUE); repeatable")
+    run_parser.add_argument("--from", dest="from_stage", metavar="STAGE",
+                            help="run this stage and every later one")
+    run_parser.add_argument("--only", metavar="STAGE", help="run just this stage")
+    run_parser.add_argument("--force", action="store_true",
+                            help="re-run the selected stages even when unchanged")
+    book_parser = commands.add_parser("book", help="build the book from executed notebooks")
+    book_parser.add_argument("--profile", default="default")
+    book_parser.add_argument("--no-strict", dest="strict", action="store_false",
+                             help="do not turn Sphinx warnings into errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = artifacts.repo_root()
+    args = build_parser(root).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    for noisy in ("papermill", "traitlets", "asyncio", "blib2to3", "nbclient"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "run":
+            plan = make_plan(args.profile, args.overrides, args.from_stage, args.only,
+                             args.force, root=root)
+            run(plan)
+            logger.info("artifacts in %s", plan.artifacts_root / plan.profile)
+        else:
+            index = build_book(args.profile, root=root, strict=args.strict)
+            logger.info("book: %s", index)
+    except (ParameterError, artifacts.ArtifactError, StageFailed) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ParameterError) else 1
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, the next run resumes", file=sys.stderr)
+        return 130
+    return 0

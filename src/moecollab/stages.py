@@ -1,0 +1,134 @@
+"""The stage list: the one place that says which stages exist, in which order, and what they need.
+
+``_toc.yml``, the notebook files and the profiles are checked against this list by a test.
+Defaults and types of parameters live in each notebook's ``parameters`` cell; the range checks
+that cannot be read off a literal live here, next to the stage they belong to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Check:
+    """A constraint on one parameter's value: a numeric range and/or a set of choices.
+
+    Examples
+    --------
+    >>> Check(low=0, high=1, high_open=True).problem(1.0)
+    'must be in [0, 1)'
+    >>> Check(choices=("cpu", "cuda", "auto")).problem("gpu")
+    "must be one of 'cpu', 'cuda', 'auto'"
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    each: bool = False  # apply to every element of a list value
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(choice) for choice in self.choices)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
+
+    def problem(self, value: Any) -> str | None:
+        """A short description of what is wrong with ``value``, or None when it is allowed."""
+        values = value if self.each and isinstance(value, list) else [value]
+        for item in values:
+            if self.choices is not None:
+                if item not in self.choices:
+                    return f"must be {self.describe()}"
+                continue
+            if isinstance(item, bool) or not isinstance(item, int | float) or math.isnan(item):
+                return f"must be a number {self.describe()}"
+            too_low = self.low is not None and (item <= self.low if self.low_open
+                                                else item < self.low)
+            too_high = self.high is not None and (item >= self.high if self.high_open
+                                                  else item > self.high)
+            if too_low or too_high:
+                prefix = "every element must be" if self.each else "must be"
+                return f"{prefix} {self.describe()}"
+        return None
+
+
+def _number(value: float | None) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+POSITIVE = Check(low=1)
+NON_NEGATIVE = Check(low=0)
+FRACTION_OPEN = Check(low=0, high=1, high_open=True)   # [0, 1)
+PROBABILITY = Check(low=0, high=1)
+DEVICE = Check(choices=("auto", "cpu", "cuda"))
+
+# Parameters every notebook has; the runner sets the first three itself.
+RUNNER_PARAMETERS = ("profile", "artifacts_root", "output_dir")
+COMMON_CHECKS = {"seed": NON_NEGATIVE, "device": DEVICE}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the study: a notebook ``notebooks/<name>.md`` and a folder of artifacts."""
+
+    name: str                        # "00_model": notebook stem and artifact folder
+    title: str                       # chapter title
+    needs: tuple[str, ...] = ()      # stages whose artifacts this one reads
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    @property
+    def notebook(self) -> str:
+        return f"notebooks/{self.name}.md"
+
+    def all_checks(self) -> dict[str, Check]:
+        return {**COMMON_CHECKS, **self.checks}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "00_model",
+        "The reference model",
+        checks={
+            "domains": Check(choices=(
+                "biology", "medicine", "chemistry", "physics", "engineering",
+                "computer_science", "law", "history", "philosophy", "mathematics"), each=True),
+            "max_entries_per_domain": POSITIVE,
+            "general_text_ratio": Check(low=0, high=10),
+            "vocab_size": Check(low=300, high=65536),
+            "n_layers": Check(low=1, high=48),
+            "hidden_size": Check(low=16, high=4096),
+            "n_heads": POSITIVE,
+            "n_experts": Check(low=2, high=512),
+            "top_k": POSITIVE,
+            "expert_size": POSITIVE,
+            "seq_len": Check(low=8, high=4096),
+            "batch_size": POSITIVE,
+            "n_steps": NON_NEGATIVE,
+            "lr": Check(low=0, high=1, low_open=True),
+            "balance_coef": Check(low=0, high=10),
+            "eval_every": POSITIVE,
+            "n_eval_tokens": POSITIVE,
+            "n_mcq_choices": Check(low=2, high=10),
+            "min_expert_share": Check(low=0, high=1),
+        },
+    ),
+)
+
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called ``name``, or a ValueError listing the stages that exist."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")

@@ -1,0 +1,197 @@
+"""Training the embedded MoE from scratch: token blocks, a per-layer balancing loss, the loop.
+
+transformers' stock ``load_balancing_loss_func`` pools every layer's tokens before taking the
+product, so one layer can collapse onto a few experts while the pooled loss still reads
+"balanced" (measured: 17 of 64 experts starved). Here the switch-style loss is computed for each
+layer separately and averaged, which kept every expert alive in the same setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenBlocks:
+    """Fixed-length token blocks, each from a single domain (or from general text).
+
+    ``input_ids`` has shape ``(n_blocks, seq_len)``; ``domains[i]`` names block i's source.
+    Packing one domain per block means a token's context comes from the same field, as in a
+    topical document.
+    """
+
+    input_ids: torch.Tensor
+    domains: list[str]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, indices: Sequence[int]) -> TokenBlocks:
+        indices = list(indices)
+        return TokenBlocks(self.input_ids[indices], [self.domains[i] for i in indices])
+
+
+def pack_blocks(texts_by_domain: dict[str, list[str]], tokenizer, seq_len: int,
+                seed: int, max_blocks_per_domain: int | None = None) -> TokenBlocks:
+    """Shuffle each domain's texts, join them with EOS, cut into ``seq_len`` blocks.
+
+    The tail shorter than ``seq_len`` is dropped; blocks are returned grouped by domain in the
+    order of ``texts_by_domain``.
+    """
+    rng = np.random.default_rng(seed)
+    eos = tokenizer.eos_token_id
+    blocks, domains = [], []
+    for domain, texts in texts_by_domain.items():
+        order = rng.permutation(len(texts))
+        encoded = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
+        stream = np.fromiter((token for ids in encoded for token in (*ids, eos)), dtype=np.int64)
+        n_blocks = len(stream) // seq_len
+        if max_blocks_per_domain is not None:
+            n_blocks = min(n_blocks, max_blocks_per_domain)
+        if n_blocks == 0:
+            continue
+        blocks.append(torch.from_numpy(stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)))
+        domains += [domain] * n_blocks
+    if not blocks:
+        raise ValueError(f"no text long enough for one block of seq_len={seq_len} tokens")
+    return TokenBlocks(torch.cat(blocks), domains)
+
+
+def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-Transformer balancing loss computed per layer, then averaged over layers.
+
+    For one layer with ``E`` experts: ``E · Σ_i f_i P_i`` where ``f_i`` is the share of top-k
+    selections that go to expert i and ``P_i`` its mean router probability. It equals 1 when
+    routing is uniform and grows as a layer concentrates on few experts.
+
+    Examples
+    --------
+    >>> uniform = [torch.zeros(8, 4)]             # every expert equally likely
+    >>> round(float(per_layer_balance_loss(uniform, top_k=2)), 4)
+    1.0
+    """
+    losses = []
+    for logits in router_logits:
+        logits = logits.float()
+        n_experts = logits.shape[-1]
+        probabilities = logits.softmax(dim=-1)
+        selected = probabilities.topk(top_k, dim=-1).indices
+        counts = F.one_hot(selected, n_experts).sum(dim=(0, 1)).float()
+        selection_share = counts / counts.sum()
+        losses.append(n_experts * (selection_share * probabilities.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class TrainingLog:
+    """Losses recorded during training (one row per logged step)."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    balance_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    validation_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens_seen: int = 0
+
+
+@torch.inference_mode()
+def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, device) -> float:
+    """Mean next-token cross-entropy over the blocks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids = blocks.input_ids[start:start + batch_size].to(device)
+        logits = model(input_ids=input_ids).logits[:, :-1]
+        targets = input_ids[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                 targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n_steps: int,
+          batch_size: int, lr: float, balance_coef: float, eval_every: int, seed: int,
+          device, warmup_ratio: float = 0.05, weight_decay: float = 0.1,
+          progress: bool = True) -> TrainingLog:
+    """AdamW with linear warm-up and cosine decay; next-token loss + per-layer balancing loss.
+
+    Batches are drawn without replacement from a seeded permutation of the training blocks
+    (a new permutation each epoch), so the same seed gives the same run on the CPU.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=weight_decay)
+    warmup = max(1, int(warmup_ratio * n_steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ratio = (step - warmup) / max(1, n_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_ratio))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    top_k = model.config.num_experts_per_tok
+    log = TrainingLog()
+    order = torch.randperm(len(train_blocks), generator=generator)
+    cursor = 0
+    log.eval_steps.append(0)  # the untrained model's loss anchors the curve
+    log.validation_loss.append(evaluate_loss(model, validation_blocks, batch_size, device))
+    started = time.perf_counter()
+    bar = tqdm(range(n_steps), desc="training", disable=not progress, mininterval=10,
+               ascii=True)
+    for step in bar:
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(train_blocks), generator=generator), 0
+        input_ids = train_blocks.input_ids[order[cursor:cursor + batch_size]].to(device)
+        cursor += batch_size
+        output = model(input_ids=input_ids, output_router_logits=True)
+        logits = output.logits[:, :-1]
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                  input_ids[:, 1:].reshape(-1))
+        balance = per_layer_balance_loss(output.router_logits, top_k)
+        loss = lm_loss + balance_coef * balance
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        log.tokens_seen += input_ids.numel()
+        log.steps.append(step + 1)
+        log.train_loss.append(lm_loss.item())
+        log.balance_loss.append(balance.item())
+        if (step + 1) % eval_every == 0 or step + 1 == n_steps:
+            log.eval_steps.append(step + 1)
+            log.validation_loss.append(
+                evaluate_loss(model, validation_blocks, batch_size, device))
+            bar.set_postfix(train=f"{lm_loss.item():.3f}",
+                            validation=f"{log.validation_loss[-1]:.3f}")
+    log.seconds = time.perf_counter() - started
+    model.eval()
+    return log
+
+
+def balanced_blocks(blocks: TokenBlocks, max_per_domain: int | None = None) -> TokenBlocks:
+    """The same number of blocks from every domain: the smallest domain's count, at most
+    ``max_per_domain``. Statistics such as mutual information need balanced domains."""
+    domains = list(dict.fromkeys(blocks.domains))
+    positions = {domain: [i for i, d in enumerate(blocks.domains) if d == domain]
+                 for domain in domains}
+    n_each = min(len(indices) for indices in positions.values())
+    if max_per_domain is not None:
+        n_each = min(n_each, max_per_domain)
+    return blocks.select([i for domain in domains for i in positions[domain][:n_each]])

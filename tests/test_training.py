@@ -1,0 +1,126 @@
+"""The embedded model's training mechanics, on tiny models and synthetic text."""
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
+
+from moecollab import models, routing_health, training
+
+
+def test_balance_loss_is_one_for_uniform_routing():
+    logits = [torch.zeros(32, 8), torch.zeros(32, 8)]
+    assert float(training.per_layer_balance_loss(logits, top_k=2)) == pytest.approx(1.0)
+
+
+def test_per_layer_loss_sees_a_collapse_that_the_pooled_loss_hides():
+    # Layer 0 sends every token to experts 0-1, layer 1 to experts 2-3: pooled over layers the
+    # four experts look evenly used, but each layer has collapsed onto two of its four experts.
+    tokens = 64
+    layer0 = torch.full((tokens, 4), -10.0)
+    layer0[:, :2] = 10.0
+    layer1 = torch.full((tokens, 4), -10.0)
+    layer1[:, 2:] = 10.0
+    uniform = (torch.zeros(tokens, 4), torch.zeros(tokens, 4))
+    pooled = float(load_balancing_loss_func((layer0, layer1), num_experts=4, top_k=2))
+    pooled_uniform = float(load_balancing_loss_func(uniform, num_experts=4, top_k=2))
+    per_layer = float(training.per_layer_balance_loss([layer0, layer1], top_k=2))
+    per_layer_uniform = float(training.per_layer_balance_loss(list(uniform), top_k=2))
+    assert pooled == pytest.approx(pooled_uniform)      # the pooled loss cannot tell them apart
+    assert per_layer_uniform == pytest.approx(1.0)
+    assert per_layer == pytest.approx(2.0, abs=1e-3)    # 4 · (0.5 · 0.5 + 0.5 · 0.5)
+
+
+class FakeTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[int(word) for word in text.split()] for text in texts]}
+
+
+def test_pack_blocks_keeps_each_block_within_one_domain():
+    texts = {"a": ["1 2 3", "4 5"] * 4, "b": ["7 8 9 10"] * 3}
+    blocks = training.pack_blocks(texts, FakeTokenizer(), seq_len=4, seed=0)
+    assert blocks.input_ids.shape[1] == 4
+    for row, domain in zip(blocks.input_ids.tolist(), blocks.domains, strict=True):
+        allowed = {0, 1, 2, 3, 4, 5} if domain == "a" else {0, 7, 8, 9, 10}
+        assert set(row) <= allowed
+    assert blocks.domains.count("a") == (4 * (4 + 3)) // 4
+    limited = training.pack_blocks(texts, FakeTokenizer(), 4, seed=0, max_blocks_per_domain=2)
+    assert limited.domains == ["a", "a", "b", "b"]
+
+
+def _synthetic_blocks(n_blocks: int, seed: int) -> training.TokenBlocks:
+    """Two 'domains' with disjoint vocabularies and a simple repeating grammar."""
+    rng = np.random.default_rng(seed)
+    rows, domains = [], []
+    for index in range(n_blocks):
+        domain = "low" if index % 2 == 0 else "high"
+        start = 2 if domain == "low" else 33
+        phrase = rng.integers(start, start + 31, size=8)
+        rows.append(np.tile(phrase, 4))
+        domains.append(domain)
+    return training.TokenBlocks(torch.tensor(np.stack(rows)), domains)
+
+
+def _tiny_config():
+    return models.embedded_config(vocab_size=64, n_layers=2, hidden_size=32, n_heads=2,
+                                  n_experts=8, top_k=2, expert_size=16, seq_len=32)
+
+
+def _train_tiny(balance_coef: float):
+    model = models.build_model(_tiny_config(), seed=0)
+    train_blocks, validation_blocks = _synthetic_blocks(128, seed=1), _synthetic_blocks(32, seed=2)
+    log = training.train(model, train_blocks, validation_blocks, n_steps=40, batch_size=8,
+                         lr=3e-3, balance_coef=balance_coef, eval_every=20, seed=0,
+                         device="cpu", progress=False)
+    with torch.inference_mode():
+        output = model(input_ids=train_blocks.input_ids, output_router_logits=True)
+    ids = np.stack([logits.topk(2, dim=-1).indices.numpy() for logits in output.router_logits],
+                   axis=1)
+    return log, routing_health.expert_share(ids, n_experts=8)
+
+
+def test_training_lowers_loss_and_the_balance_term_keeps_experts_alive():
+    balanced_log, balanced_share = _train_tiny(balance_coef=0.1)
+    free_log, free_share = _train_tiny(balance_coef=0.0)
+    assert balanced_log.validation_loss[0] == free_log.validation_loss[0]  # same start
+    assert balanced_log.validation_loss[-1] < 0.9 * balanced_log.validation_loss[0]
+    assert balanced_log.tokens_seen == 40 * 8 * 32
+    # Without the balancing term an expert dies on this data; with it every expert keeps at
+    # least a fifth of its uniform share and the per-layer balance loss ends lower.
+    assert free_share.min() < 0.2
+    assert balanced_share.min() >= 0.2, balanced_share.round(2)
+    assert np.mean(balanced_log.balance_loss[-10:]) < np.mean(free_log.balance_loss[-10:])
+
+
+def test_training_is_deterministic_for_a_seed():
+    blocks = _synthetic_blocks(16, seed=1)
+    weights = []
+    for _ in range(2):
+        model = models.build_model(_tiny_config(), seed=3)
+        training.train(model, blocks, blocks.select(range(2)), n_steps=4, batch_size=4, lr=1e-3,
+                       balance_coef=0.01, eval_every=2, seed=5, device="cpu", progress=False)
+        weights.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_tokenizer_round_trips_text():
+    tokenizer = models.train_tokenizer(["the acid reacts with the base"] * 50 +
+                                       ["a writ issued by authority of law"] * 50, vocab_size=300)
+    ids = tokenizer("the acid reacts")["input_ids"]
+    assert tokenizer.decode(ids) == "the acid reacts"
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
+
+
+def test_resolve_device_rejects_unknown_names():
+    with pytest.raises(ValueError, match="device must be"):
+        models.resolve_device("gpu")
+    assert models.resolve_device("cpu").type == "cpu"
+
+
+def test_load_model_refuses_a_folder_without_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="safetensors"):
+        models.load_model(tmp_path)
