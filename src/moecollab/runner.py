@@ -197,7 +197,8 @@ def ensure_kernel() -> str:
 # --------------------------------------------------------------------------------------- book
 
 def build_book(profile: str = "default", root: Path | None = None,
-               artifacts_root: Path | None = None, strict: bool = True) -> Path:
+               artifacts_root: Path | None = None, strict: bool = True,
+               output_dir: Path | None = None) -> Path:
     """Copy a profile's executed notebooks into ``book/notebooks`` and build the HTML book.
 
     The build renders papermill's outputs as they are (``execute_notebooks: "off"``).
@@ -226,9 +227,11 @@ def build_book(profile: str = "default", root: Path | None = None,
                "-q"]
     if strict:
         command += ["-W", "--keep-going"]
+    if output_dir is not None:
+        command += ["--path-output", str(output_dir)]
     if subprocess.run(command, cwd=root).returncode != 0:
         raise StageFailed("the book build failed (see the warnings above)")
-    return root / "_build" / "html" / "index.html"
+    return (output_dir or root) / "_build" / "html" / "index.html"
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -1,0 +1,50 @@
+"""The smoke profile end to end through the real runner, then a strict book build."""
+
+import nbformat
+import pytest
+
+from moecollab import artifacts, runner
+from moecollab.stages import STAGE_NAMES
+
+
+@pytest.fixture(scope="module")
+def smoke_artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    outcomes = runner.run(runner.make_plan("smoke", artifacts_root=root))
+    assert outcomes == ["ran"] * len(STAGE_NAMES)
+    return root
+
+
+def test_every_stage_finishes_with_a_verified_manifest(smoke_artifacts):
+    for stage in STAGE_NAMES:
+        manifest = artifacts.verify_stage(smoke_artifacts / "smoke" / stage)
+        assert manifest.outputs and manifest.seconds > 0
+        executed = nbformat.read(smoke_artifacts / "smoke" / "executed" / f"{stage}.ipynb", 4)
+        assert not executed.metadata.papermill.get("exception")
+
+
+def test_stage_00_writes_a_loadable_model_and_its_checks(smoke_artifacts):
+    from moecollab.models import load_model
+
+    folder = smoke_artifacts / "smoke" / "00_model"
+    model, tokenizer = load_model(folder / "model")
+    assert model.config.model_type == "olmoe" and model.config.num_experts == 8
+    assert tokenizer.eos_token == "<|endoftext|>"
+    health = artifacts.read_json(folder / "routing_health.json")
+    assert set(health) == {"trained", "control"}
+    assert len(health["trained"]["mutual_information_bits"]) == 2
+    assert (folder / "mcq_items.parquet").is_file()
+
+
+def test_a_second_run_skips_every_stage(smoke_artifacts):
+    assert runner.run(runner.make_plan("smoke", artifacts_root=smoke_artifacts)) == \
+        ["skipped"] * len(STAGE_NAMES)
+
+
+def test_the_book_builds_without_warnings(smoke_artifacts, tmp_path):
+    index = runner.build_book("smoke", artifacts_root=smoke_artifacts, strict=True,
+                              output_dir=tmp_path)
+    assert index.is_file()
+    chapter = (tmp_path / "_build" / "html" / "book" / "notebooks" / "00_model.html").read_text()
+    assert "The reference model" in chapter
+    assert "Verdict" in chapter
