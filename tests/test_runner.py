@@ -142,3 +142,15 @@ def test_cli_help_lists_stages_and_parameters():
     assert "00_model" in result.stdout
     assert "n_experts: int = 32" in result.stdout
     assert "[in [2, 512]]" in result.stdout
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_the_run_resumes(project):
+    profile_folder = project / "artifacts" / "tiny"
+    (profile_folder / ".10_first.partial-abc" / "sub").mkdir(parents=True)
+    (profile_folder / "executed").mkdir()
+    (profile_folder / "executed" / ".10_first.xyz.tmp.ipynb").write_text("{}")
+    assert runner.run(plan(project)) == ["ran", "ran"]
+    assert sorted(p.name for p in profile_folder.iterdir()) == ["10_first", "11_second",
+                                                               "executed"]
+    assert sorted(p.name for p in (profile_folder / "executed").iterdir()) == [
+        "10_first.ipynb", "11_second.ipynb"]

@@ -48,3 +48,16 @@ def test_the_book_builds_without_warnings(smoke_artifacts, tmp_path):
     chapter = (tmp_path / "_build" / "html" / "book" / "notebooks" / "00_model.html").read_text()
     assert "The reference model" in chapter
     assert "Verdict" in chapter
+
+
+def test_stage_00_loads_and_checks_a_pretrained_checkpoint(smoke_artifacts, tmp_path):
+    checkpoint = smoke_artifacts / "smoke" / "00_model" / "model"
+    plan = runner.make_plan("smoke", overrides=[f"model={checkpoint}"], only="00_model",
+                            artifacts_root=tmp_path)
+    assert runner.run(plan) == ["ran"]
+    folder = tmp_path / "smoke" / "00_model"
+    assert artifacts.read_json(folder / "model_ref.json")["model"] == str(checkpoint)
+    assert not (folder / "model").exists()
+    trained = artifacts.read_json(smoke_artifacts / "smoke" / "00_model" / "routing_health.json")
+    loaded = artifacts.read_json(folder / "routing_health.json")
+    assert loaded["trained"] == trained["trained"]  # the same model gives the same routing

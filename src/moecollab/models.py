@@ -6,6 +6,7 @@ only when asked) and :func:`resolve_device`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -135,3 +136,19 @@ def count_parameters(model) -> dict[str, int]:
     n_experts = getattr(config, "num_experts", None) or config.num_local_experts
     active = total - expert + expert * config.num_experts_per_tok // n_experts
     return {"total": total, "experts": expert, "active_per_token": active}
+
+
+def load_reference_model(stage_00_folder: str | os.PathLike, *, device: str = "cpu"):
+    """The model stage 00 settled on: its trained checkpoint, or the pretrained one it named.
+
+    Returns
+    -------
+    (model, tokenizer)
+    """
+    folder = Path(stage_00_folder)
+    reference = folder / "model_ref.json"
+    if reference.is_file():
+        settings = json.loads(reference.read_text())
+        return load_model(settings["model"], device=device,
+                          trust_remote_code=settings.get("trust_remote_code", False))
+    return load_model(folder / "model", device=device)

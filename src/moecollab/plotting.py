@@ -110,3 +110,12 @@ def corpus_sizes(summary: pd.DataFrame):
         axis.legend(frameon=False)
         figure.tight_layout()
     return figure
+
+
+def message_figure(message: str):
+    """A small figure that only states why there is nothing to plot."""
+    with _style():
+        figure, axis = plt.subplots(figsize=(6, 1.2))
+        axis.text(0.5, 0.5, message, ha="center", va="center", fontsize=10)
+        axis.set_axis_off()
+    return figure

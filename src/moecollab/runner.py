@@ -143,6 +143,7 @@ def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) ->
 
     final = plan.artifacts_root / plan.profile / stage.name
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent, stage.name)
     work = Path(tempfile.mkdtemp(prefix=f".{stage.name}.partial-", dir=final.parent))
     executed = plan.artifacts_root / plan.profile / "executed" / f"{stage.name}.ipynb"
     executed.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +172,15 @@ def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) ->
     finally:
         if work.exists():
             shutil.rmtree(work)
+
+
+def _remove_leftovers(profile_folder: Path, stage: str) -> None:
+    """Delete what a killed run left behind: partial stage folders and temporary notebooks."""
+    leftovers = [*profile_folder.glob(f".{stage}.partial-*"),
+                 *(profile_folder / "executed").glob(f".{stage}.*.tmp.ipynb")]
+    for path in leftovers:
+        logger.info("%s: removing %s left by an interrupted run", stage, path.name)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _describe_failure(stage: Stage, error, executed: Path) -> str:
