@@ -1,0 +1,168 @@
+"""Coverage of HSDL atoms by frequent co-activations (paper Eq. 8).
+
+Each atom is mapped to its strongest 2 (or 3) experts; expert pairs (triplets) that fire on the
+same token are ranked by frequency; coverage@k% is the share of atoms whose pair (triplet) is
+among the top ``k%`` of that ranking. The ranking holds only sets that co-occur at least once, so
+"top 10%" means the top 10% of the co-occurring pairs (triplets), not of all ``C(n_experts, 2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from itertools import combinations
+
+import numpy as np
+from scipy import sparse
+
+__all__ = [
+    "atom_top_experts",
+    "coverage_at",
+    "ranked_coactivation_pairs",
+    "ranked_coactivation_triplets",
+]
+
+
+def atom_top_experts(dictionary: np.ndarray, n: int = 2) -> list[tuple[int, ...]]:
+    """The ``n`` strongest experts of every atom.
+
+    Parameters
+    ----------
+    dictionary : ndarray, shape (n_atoms, n_experts)
+        One atom per row (``HSDL.dictionaries_[l]`` or a flat baseline's dictionary).
+    n : int
+        2 for pairs, 3 for triplets.
+
+    Returns
+    -------
+    list of tuple of int, length n_atoms
+        Expert ids of each atom's ``n`` largest weights, sorted ascending (ties broken by the
+        lower expert id).
+
+    Examples
+    --------
+    >>> atom_top_experts(np.array([[0.1, 0.9, 0.0, 0.8], [0.7, 0.0, 0.6, 0.1]]), n=2)
+    [(1, 3), (0, 2)]
+    """
+    dictionary = np.asarray(dictionary)
+    if dictionary.ndim != 2:
+        raise ValueError(f"dictionary must be 2-D (n_atoms, n_experts); got ndim={dictionary.ndim}")
+    if not isinstance(n, int) or not 1 <= n <= dictionary.shape[1]:
+        raise ValueError(f"n must be an int in [1, n_experts={dictionary.shape[1]}]; got {n!r}")
+    # Stable sort on the negated weights: ties go to the lower expert id.
+    order = np.argsort(-dictionary, axis=1, kind="stable")[:, :n]
+    return [tuple(sorted(int(e) for e in row)) for row in order]
+
+
+def coverage_at(
+    atoms_top_sets: Sequence[Sequence[int]],
+    ranked_sets: Sequence[Sequence[int]],
+    top_fraction: float,
+) -> float:
+    """Share of atoms whose top-expert set lies in the top ``top_fraction`` of a ranking.
+
+    Parameters
+    ----------
+    atoms_top_sets : sequence of tuples of int, length n_atoms
+        Each atom's strongest experts (from `atom_top_experts`).
+    ranked_sets : sequence of tuples of int
+        Expert pairs (or triplets), most frequent first (from `ranked_coactivation_pairs`).
+    top_fraction : float in (0, 1]
+        The top ``ceil(top_fraction * len(ranked_sets))`` entries count.
+
+    Returns
+    -------
+    float
+        Coverage in [0, 1] (paper Eq. 8); NaN when there are no atoms.
+
+    Examples
+    --------
+    >>> ranked = [(0, 1), (2, 3), (1, 2), (0, 3)]
+    >>> coverage_at([(0, 1), (1, 2), (3, 2)], ranked, 0.5)  # top 2: (0, 1), (2, 3)
+    0.6666666666666666
+    """
+    if not 0 < top_fraction <= 1:
+        raise ValueError(f"top_fraction must be in (0, 1]; got {top_fraction!r}")
+    if len(atoms_top_sets) == 0:
+        return float("nan")
+    n_top = math.ceil(top_fraction * len(ranked_sets))
+    top = {tuple(sorted(s)) for s in ranked_sets[:n_top]}
+    hits = sum(tuple(sorted(s)) in top for s in atoms_top_sets)
+    return hits / len(atoms_top_sets)
+
+
+def _as_binary_csr(selected) -> sparse.csr_matrix:
+    if sparse.issparse(selected):
+        matrix = sparse.csr_matrix(selected)
+    else:
+        matrix = sparse.csr_matrix(np.asarray(selected))
+    if matrix.ndim != 2:
+        raise ValueError(f"selected must be 2-D (n_tokens, n_experts); got ndim={matrix.ndim}")
+    matrix = (matrix != 0).astype(np.int64)
+    matrix.eliminate_zeros()
+    return matrix
+
+
+def ranked_coactivation_pairs(selected) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """Expert pairs that fire on the same token, most frequent first, via ``XᵀX``.
+
+    Parameters
+    ----------
+    selected : sparse or dense array, shape (n_tokens, n_experts)
+        Token-level selections; any nonzero counts as selected.
+
+    Returns
+    -------
+    pairs : list of tuple (a, b) with a < b
+        Co-occurring pairs sorted by count descending, ties by ``(a, b)`` ascending.
+    counts : ndarray of int, shape (n_pairs,)
+        Number of tokens on which each pair fired together.
+
+    Examples
+    --------
+    >>> selected = sparse.csr_matrix([[1, 1, 0], [1, 1, 1], [0, 1, 1]])
+    >>> ranked_coactivation_pairs(selected)
+    ([(0, 1), (1, 2), (0, 2)], array([2, 2, 1]))
+    """
+    matrix = _as_binary_csr(selected)
+    gram = sparse.triu(matrix.T @ matrix, k=1).tocoo()
+    keep = gram.data > 0
+    rows, cols, counts = gram.row[keep], gram.col[keep], gram.data[keep]
+    order = np.lexsort((cols, rows, -counts))
+    pairs = [(int(rows[i]), int(cols[i])) for i in order]
+    return pairs, counts[order].astype(np.int64)
+
+
+def ranked_coactivation_triplets(
+    selected,
+) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """Expert triplets that fire on the same token, most frequent first.
+
+    Enumerates the triplets of each token's active set, which is cheap because a token selects
+    few experts (``top_k`` per layer).
+
+    Parameters
+    ----------
+    selected : sparse or dense array, shape (n_tokens, n_experts)
+
+    Returns
+    -------
+    triplets : list of tuple (a, b, c) with a < b < c
+        Sorted by count descending, ties ascending.
+    counts : ndarray of int, shape (n_triplets,)
+
+    Examples
+    --------
+    >>> selected = sparse.csr_matrix([[1, 1, 1, 0], [1, 1, 1, 1]])
+    >>> ranked_coactivation_triplets(selected)[0][:2]
+    [(0, 1, 2), (0, 1, 3)]
+    """
+    matrix = _as_binary_csr(selected)
+    counter: Counter[tuple[int, int, int]] = Counter()
+    indptr, indices = matrix.indptr, matrix.indices
+    for token in range(matrix.shape[0]):
+        active = np.sort(indices[indptr[token] : indptr[token + 1]])
+        counter.update(combinations(active.tolist(), 3))
+    ranked = sorted(counter.items(), key=lambda item: (-item[1], item[0]))
+    return [t for t, _ in ranked], np.array([c for _, c in ranked], dtype=np.int64)
