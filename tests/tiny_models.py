@@ -1,0 +1,236 @@
+"""Tiny randomly initialised Mixture-of-Experts models, one per supported family.
+
+Built from a config with no download: a few layers, hidden size 64, 8 routed experts, top-2,
+vocabulary 512. Used by the capture tests and meant to be reused by the pruning tests::
+
+    from tiny_models import FAMILIES, tiny_model
+    model = tiny_model("deepseek_v3", first_k_dense_replace=1)
+
+The configs respect the pitfalls measured in ``notes/transformers-moe.md`` (transformers 5.24):
+DeepSeek's multi-head latent attention needs ``num_key_value_heads == num_attention_heads``;
+GPT-OSS and Qwen3-Next need ``layer_types`` of length ``num_hidden_layers``; OLMoE/FlexOlmo
+defaults name token ids outside a small vocabulary, so pad/bos/eos are set explicitly everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+#: The families every MoE-aware module must support (``config.model_type`` values).
+FAMILIES: list[str] = [
+    "olmoe",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "phimoe",
+    "gpt_oss",
+    "granitemoe",
+]
+
+#: Families supported as well, whose routers follow the same contract; cheap to build.
+EXTRA_FAMILIES: list[str] = ["flex_olmo", "granitemoeshared", "qwen3_next"]
+
+VOCAB_SIZE = 512
+HIDDEN_SIZE = 64
+N_EXPERTS = 8
+TOP_K = 2
+N_LAYERS = 3
+PAD_TOKEN_ID = 0
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": HIDDEN_SIZE,
+    "intermediate_size": 64,
+    "num_hidden_layers": N_LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "num_experts_per_tok": TOP_K,
+    "pad_token_id": PAD_TOKEN_ID,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+# Family-specific settings on top of _COMMON; the expert-count key is the family's own.
+_FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    "olmoe": {"num_experts": N_EXPERTS, "norm_topk_prob": False},
+    "flex_olmo": {"num_experts": N_EXPERTS, "norm_topk_prob": False},
+    "mixtral": {"num_local_experts": N_EXPERTS},
+    "phimoe": {"num_local_experts": N_EXPERTS},
+    "granitemoe": {"num_local_experts": N_EXPERTS},
+    "granitemoeshared": {"num_local_experts": N_EXPERTS, "shared_intermediate_size": 32},
+    "qwen3_next": {
+        "num_experts": N_EXPERTS,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "head_dim": 16,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "layer_types": None,  # filled to the right length in tiny_config
+    },
+    "qwen2_moe": {
+        "num_experts": N_EXPERTS,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "norm_topk_prob": True,
+    },
+    "qwen3_moe": {
+        "num_experts": N_EXPERTS,
+        "moe_intermediate_size": 32,
+        "head_dim": 16,
+        "norm_topk_prob": True,
+    },
+    "deepseek_v2": {
+        "n_routed_experts": N_EXPERTS,
+        "n_shared_experts": 1,
+        "moe_intermediate_size": 32,
+        "num_key_value_heads": 4,  # MLA: must equal num_attention_heads
+        "first_k_dense_replace": 0,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "topk_method": "greedy",
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "deepseek_v3": {
+        "n_routed_experts": N_EXPERTS,
+        "n_shared_experts": 1,
+        "moe_intermediate_size": 32,
+        "num_key_value_heads": 4,  # MLA: must equal num_attention_heads
+        "first_k_dense_replace": 0,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_group": 2,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+    },
+    "gpt_oss": {
+        "num_local_experts": N_EXPERTS,
+        "head_dim": 16,
+        "sliding_window": 16,
+        "layer_types": None,  # filled to the right length in tiny_config
+        # The default YaRN settings warn when max_position_embeddings is small.
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+}
+
+
+# Families whose config needs ``layer_types`` of length num_hidden_layers.
+_ALTERNATING_LAYER_TYPES: dict[str, tuple[str, str]] = {
+    "gpt_oss": ("sliding_attention", "full_attention"),
+    "qwen3_next": ("linear_attention", "full_attention"),
+}
+
+
+def tiny_config(family: str, **overrides: Any):
+    """The config of a tiny model of ``family``; ``overrides`` replace any setting.
+
+    Parameters
+    ----------
+    family : str
+        A ``config.model_type``, one of :data:`FAMILIES` or :data:`EXTRA_FAMILIES`.
+    **overrides
+        Config keys to set (e.g. ``num_hidden_layers=2``, ``first_k_dense_replace=1``).
+
+    Returns
+    -------
+    transformers.PretrainedConfig
+    """
+    if family not in _FAMILY_SETTINGS:
+        known = ", ".join(FAMILIES + EXTRA_FAMILIES)
+        raise ValueError(f"family must be one of {known}; got {family!r}")
+    settings = {**_COMMON, **_FAMILY_SETTINGS[family], **overrides}
+    if family in _ALTERNATING_LAYER_TYPES and settings.get("layer_types") is None:
+        first, second = _ALTERNATING_LAYER_TYPES[family]
+        n_layers = settings["num_hidden_layers"]
+        settings["layer_types"] = [first if i % 2 == 0 else second for i in range(n_layers)]
+    return AutoConfig.for_model(family, **settings)
+
+
+def tiny_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny randomly initialised causal LM of ``family``, in eval mode, fp32, on the CPU.
+
+    Parameters
+    ----------
+    family : str
+        A ``config.model_type``, one of :data:`FAMILIES` or :data:`EXTRA_FAMILIES`.
+    seed : int
+        Seed of the weight initialisation (a forked RNG: the global torch state is untouched).
+    **overrides
+        Config keys to set, see :func:`tiny_config`.
+
+    Returns
+    -------
+    transformers.PreTrainedModel
+        A ``*ForCausalLM`` with ``N_LAYERS`` layers unless overridden.
+    """
+    config = tiny_config(family, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Routers of some families start at zero bias terms; give DeepSeek-V3's selection-only
+        # correction bias and GPT-OSS's router bias non-zero values so they matter in tests.
+        for module in model.modules():
+            correction = getattr(module, "e_score_correction_bias", None)
+            if isinstance(correction, torch.Tensor):
+                correction.data.normal_(0.0, 0.1)
+        if family == "gpt_oss":
+            for layer in model.model.layers:
+                layer.mlp.router.bias.data.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tiny_dense_model(*, seed: int = 0) -> PreTrainedModel:
+    """A tiny Llama (no experts at all): the standard unsupported model in tests."""
+    config = AutoConfig.for_model(
+        "llama",
+        **{
+            key: value
+            for key, value in _COMMON.items()
+            if key != "num_experts_per_tok"
+        },
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def padded_batch(
+    *, n_sequences: int = 2, seq_len: int = 12, n_pads: int = 5, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random token ids, right-padded: the last sequence ends with ``n_pads`` pad tokens.
+
+    Returns
+    -------
+    dict
+        ``input_ids`` and ``attention_mask``, each of shape (n_sequences, seq_len).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB_SIZE, (n_sequences, seq_len), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[-1, seq_len - n_pads :] = 0
+    input_ids[attention_mask == 0] = PAD_TOKEN_ID
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_moe_model(request) -> PreTrainedModel:
+    """Parametrised fixture: one tiny model per family in :data:`FAMILIES`."""
+    return tiny_model(request.param)
