@@ -9,12 +9,11 @@ among the top ``k%`` of that ranking. The ranking holds only sets that co-occur 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
-from itertools import combinations
 
 import numpy as np
-from scipy import sparse
+
+from moecollab.coactivation import pair_ranking, triplet_ranking
 
 __all__ = [
     "atom_top_experts",
@@ -92,77 +91,19 @@ def coverage_at(
     return hits / len(atoms_top_sets)
 
 
-def _as_binary_csr(selected) -> sparse.csr_matrix:
-    if sparse.issparse(selected):
-        matrix = sparse.csr_matrix(selected)
-    else:
-        matrix = sparse.csr_matrix(np.asarray(selected))
-    if matrix.ndim != 2:
-        raise ValueError(f"selected must be 2-D (n_tokens, n_experts); got ndim={matrix.ndim}")
-    matrix = (matrix != 0).astype(np.int64)
-    matrix.eliminate_zeros()
-    return matrix
-
-
 def ranked_coactivation_pairs(selected) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """Expert pairs that fire on the same token, most frequent first, via ``XᵀX``.
+    """Expert pairs that fire on the same token, most frequent first (ties by ids ascending).
 
-    Parameters
-    ----------
-    selected : sparse or dense array, shape (n_tokens, n_experts)
-        Token-level selections; any nonzero counts as selected.
-
-    Returns
-    -------
-    pairs : list of tuple (a, b) with a < b
-        Co-occurring pairs sorted by count descending, ties by ``(a, b)`` ascending.
-    counts : ndarray of int, shape (n_pairs,)
-        Number of tokens on which each pair fired together.
-
-    Examples
-    --------
-    >>> selected = sparse.csr_matrix([[1, 1, 0], [1, 1, 1], [0, 1, 1]])
-    >>> ranked_coactivation_pairs(selected)
-    ([(0, 1), (1, 2), (0, 2)], array([2, 2, 1]))
+    The ranking that coverage is measured against; see
+    :func:`moecollab.coactivation.pair_ranking`, which this calls.
     """
-    matrix = _as_binary_csr(selected)
-    gram = sparse.triu(matrix.T @ matrix, k=1).tocoo()
-    keep = gram.data > 0
-    rows, cols, counts = gram.row[keep], gram.col[keep], gram.data[keep]
-    order = np.lexsort((cols, rows, -counts))
-    pairs = [(int(rows[i]), int(cols[i])) for i in order]
-    return pairs, counts[order].astype(np.int64)
+    return pair_ranking(selected)
 
 
-def ranked_coactivation_triplets(
-    selected,
-) -> tuple[list[tuple[int, int, int]], np.ndarray]:
-    """Expert triplets that fire on the same token, most frequent first.
+def ranked_coactivation_triplets(selected, **options) -> tuple[list[tuple[int, int, int]],
+                                                               np.ndarray]:
+    """Expert triplets that fire on the same token, most frequent first (ties by ids ascending).
 
-    Enumerates the triplets of each token's active set, which is cheap because a token selects
-    few experts (``top_k`` per layer).
-
-    Parameters
-    ----------
-    selected : sparse or dense array, shape (n_tokens, n_experts)
-
-    Returns
-    -------
-    triplets : list of tuple (a, b, c) with a < b < c
-        Sorted by count descending, ties ascending.
-    counts : ndarray of int, shape (n_triplets,)
-
-    Examples
-    --------
-    >>> selected = sparse.csr_matrix([[1, 1, 1, 0], [1, 1, 1, 1]])
-    >>> ranked_coactivation_triplets(selected)[0][:2]
-    [(0, 1, 2), (0, 1, 3)]
+    See :func:`moecollab.coactivation.triplet_ranking`, which this calls with ``options``.
     """
-    matrix = _as_binary_csr(selected)
-    counter: Counter[tuple[int, int, int]] = Counter()
-    indptr, indices = matrix.indptr, matrix.indices
-    for token in range(matrix.shape[0]):
-        active = np.sort(indices[indptr[token] : indptr[token + 1]])
-        counter.update(combinations(active.tolist(), 3))
-    ranked = sorted(counter.items(), key=lambda item: (-item[1], item[0]))
-    return [t for t, _ in ranked], np.array([c for _, c in ranked], dtype=np.int64)
+    return triplet_ranking(selected, **options)
