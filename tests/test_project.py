@@ -32,7 +32,7 @@ def test_table_of_contents_lists_the_stages_in_order():
 @pytest.mark.parametrize("stage", STAGES, ids=STAGE_NAMES)
 def test_every_notebook_takes_the_runner_parameters_and_the_shared_ones(stage):
     cell = read_parameters_cell(ROOT / stage.notebook)
-    for name in (*RUNNER_PARAMETERS, "seed", "device"):
+    for name in (*RUNNER_PARAMETERS, "seed"):
         assert re.search(rf"^{name}: ", cell, re.MULTILINE), f"{stage.name} lacks {name}"
 
 

@@ -152,3 +152,13 @@ def load_reference_model(stage_00_folder: str | os.PathLike, *, device: str = "c
         return load_model(settings["model"], device=device,
                           trust_remote_code=settings.get("trust_remote_code", False))
     return load_model(folder / "model", device=device)
+
+
+def load_control_model(stage_00_folder: str | os.PathLike, reference_model, *, seed: int = 0,
+                       device: str = "cpu"):
+    """The untrained control: stage 00's saved ``control_model``, or, for a pretrained
+    checkpoint, the same architecture randomly initialised with ``seed``."""
+    folder = Path(stage_00_folder) / "control_model"
+    if folder.is_dir():
+        return load_model(folder, device=device)[0]
+    return build_model(reference_model.config, seed=seed).to(resolve_device(device)).eval()

@@ -161,7 +161,8 @@ def verdict(trained: dict[str, object], control: dict[str, object], min_share: f
                      f"{trained['min_expert_share']:.2f} of its uniform share "
                      f"(threshold {min_share}).")
     else:
-        lines.append(f"- **Load:** {starved} experts are starved (below {min_share} of their "
+        noun = "expert is" if starved == 1 else "experts are"
+        lines.append(f"- **Load:** {starved} {noun} starved (below {min_share} of the "
                      "uniform share): read structure in their layers with care.")
     relation = "lower" if checks["more_domain_specific_than_control"] else "not lower"
     lines.append(f"- **Domain similarity:** mean cosine between fields is {cosine_trained:.3f}, "

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .data.corpus import DOMAINS
+
 
 @dataclass(frozen=True)
 class Check:
@@ -70,10 +72,11 @@ NON_NEGATIVE = Check(low=0)
 FRACTION_OPEN = Check(low=0, high=1, high_open=True)   # [0, 1)
 PROBABILITY = Check(low=0, high=1)
 DEVICE = Check(choices=("auto", "cpu", "cuda"))
+DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
 
 # Parameters every notebook has; the runner sets the first three itself.
 RUNNER_PARAMETERS = ("profile", "artifacts_root", "output_dir")
-COMMON_CHECKS = {"seed": NON_NEGATIVE, "device": DEVICE}
+COMMON_CHECKS = {"seed": NON_NEGATIVE, "device": DEVICE}  # for stages that declare them
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,7 @@ STAGES: tuple[Stage, ...] = (
         "00_model",
         "The reference model",
         checks={
-            "domains": Check(choices=(
-                "biology", "medicine", "chemistry", "physics", "engineering",
-                "computer_science", "law", "history", "philosophy", "mathematics"), each=True),
+            "domains": DOMAIN_CHOICES,
             "max_entries_per_domain": POSITIVE,
             "general_text_ratio": Check(low=0, high=10),
             "vocab_size": Check(low=300, high=65536),
@@ -120,6 +121,24 @@ STAGES: tuple[Stage, ...] = (
             "n_mcq_choices": Check(low=2, high=10),
             "min_expert_share": Check(low=0, high=1),
         },
+    ),
+    Stage(
+        "01_capture",
+        "Capturing the routing",
+        needs=("00_model",),
+        checks={
+            "domains": DOMAIN_CHOICES,
+            "split": Check(choices=("train", "validation", "test", "held_out", "all")),
+            "max_tokens": POSITIVE,
+            "seq_len": Check(low=8, high=32768),
+            "batch_size": POSITIVE,
+        },
+    ),
+    Stage(
+        "02_coactivation",
+        "Which experts fire together?",
+        needs=("01_capture",),
+        checks={"n_top": POSITIVE, "min_count": POSITIVE, "lift_threshold": Check(low=1)},
     ),
 )
 
