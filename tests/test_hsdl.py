@@ -325,3 +325,18 @@ def test_flat_baselines_shapes(small_X, method):
     assert (dictionary >= 0).all() and (codes >= 0).all()
     with pytest.raises(ValueError, match="method"):
         fit_flat_baseline(small_X, 6, method="pca")
+
+
+def test_save_and_load_round_trip_gives_the_same_codes(tmp_path):
+    from moecollab.hsdl import load_hsdl, save_hsdl
+    from moecollab.synthetic import make_planted_hierarchy
+
+    planted = make_planted_hierarchy(n_samples=600, n_experts=96, random_state=0)
+    fitted = HSDL(n_atoms=(6, 3), n_epochs=2, random_state=0).fit(planted.X)
+    save_hsdl(fitted, tmp_path)
+    loaded = load_hsdl(tmp_path)
+    for mine, theirs in zip(fitted.transform(planted.X), loaded.transform(planted.X),
+                            strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)  # BLAS order only
+    assert loaded.get_params() == fitted.get_params()
+    assert loaded.loss_history_ == fitted.loss_history_

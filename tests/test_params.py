@@ -98,3 +98,9 @@ def test_every_checked_parameter_exists_in_its_notebook():
         names = stage_parameters(stage, repo_root()).keys()
         missing = set(stage.checks) - set(names)
         assert not missing, f"{stage.name} checks parameters it does not declare: {missing}"
+
+
+def test_atom_counts_may_not_grow_from_level_to_level():
+    cell = 'n_atoms: list[int] = [8, 4]  # atoms per level\nseed: int = 0  # seed\n'
+    with pytest.raises(ParameterError, match="'n_atoms' of stage 03_hsdl must be a non-empty"):
+        resolve({}, [("n_atoms", [4, 8])], {"03_hsdl": parse_parameters(cell)})

@@ -76,3 +76,15 @@ def test_ci_and_readme_use_the_same_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make study" in readme
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=STAGE_NAMES)
+def test_papermill_reads_every_parameter_line(stage):
+    # papermill parses the cell itself (for --help-notebook and injection warnings); a line it
+    # cannot read makes it warn "Passed unknown parameter" on every run.
+    from papermill.translators import PythonTranslator
+
+    cell = read_parameters_cell(ROOT / stage.notebook)
+    names = {parameter.name for parameter in PythonTranslator.inspect({"source": cell})}
+    expected = set(re.findall(r"^(\w+):", cell, re.MULTILINE))
+    assert names == expected

@@ -18,6 +18,8 @@ from moecollab.coactivation import pair_ranking, triplet_ranking
 __all__ = [
     "atom_top_experts",
     "coverage_at",
+    "coverage_curve",
+    "random_expert_sets",
     "ranked_coactivation_pairs",
     "ranked_coactivation_triplets",
 ]
@@ -107,3 +109,38 @@ def ranked_coactivation_triplets(selected, **options) -> tuple[list[tuple[int, i
     See :func:`moecollab.coactivation.triplet_ranking`, which this calls with ``options``.
     """
     return triplet_ranking(selected, **options)
+
+
+def coverage_curve(atoms_top_sets: Sequence[Sequence[int]], ranked_sets: Sequence[Sequence[int]],
+                   fractions: Sequence[float]) -> np.ndarray:
+    """:func:`coverage_at` at each of ``fractions`` (ranks are looked up once).
+
+    Examples
+    --------
+    >>> coverage_curve([(0, 1), (2, 3)], [(0, 1), (1, 2), (2, 3)], [0.34, 1.0]).tolist()
+    [0.5, 1.0]
+    """
+    rank = {tuple(sorted(s)): position for position, s in enumerate(ranked_sets)}
+    positions = np.array([rank.get(tuple(sorted(s)), np.inf) for s in atoms_top_sets])
+    if len(positions) == 0:
+        return np.full(len(fractions), np.nan)
+    for fraction in fractions:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fractions must lie in (0, 1]; got {fraction!r}")
+    limits = np.array([math.ceil(f * len(ranked_sets)) for f in fractions])
+    return (positions[None, :] < limits[:, None]).mean(axis=1)
+
+
+def random_expert_sets(n_sets: int, size: int, expert_frequency: np.ndarray,
+                       random_state: int | None = None) -> list[tuple[int, ...]]:
+    """Random "atoms": ``size`` distinct experts drawn in proportion to how often they fire.
+
+    The baseline for coverage: an atom's strongest experts tend to be busy experts, and busy
+    experts co-fire often by chance, so uniform random sets would flatter HSDL.
+    """
+    rng = np.random.default_rng(random_state)
+    weights = np.asarray(expert_frequency, dtype=float)
+    probabilities = weights / weights.sum()
+    return [tuple(sorted(int(e) for e in rng.choice(len(weights), size=size, replace=False,
+                                                     p=probabilities)))
+            for _ in range(n_sets)]

@@ -297,3 +297,307 @@ def routing_weight_histogram(weights: np.ndarray):
         axis.set(xlabel="routing weight applied", title="Routing weights by rank in the top-k")
         figure.tight_layout()
     return figure
+
+
+def hsdl_loss_curves(loss_history: dict[str, Sequence[float]]):
+    """Each term of the HSDL objective per epoch (log scale)."""
+    with _style():
+        table = pd.DataFrame(loss_history)
+        figure, axes = plt.subplots(1, len(table.columns), figsize=(3.0 * len(table.columns), 2.8))
+        for axis, term in zip(np.atleast_1d(axes), table.columns, strict=True):
+            axis.plot(np.arange(1, len(table) + 1), table[term], color="C0")
+            axis.set(title=term, xlabel="epoch", yscale="log" if (table[term] > 0).all()
+                     else "linear")
+        figure.tight_layout()
+    return figure
+
+
+def hsdl_sweep(sweep: pd.DataFrame, x: str, metrics: Sequence[str] = (
+        "l1_error", "active_atoms", "mean_atom_size", "nonzeros_per_code")):
+    """Fit metrics against one swept setting (``sweep`` has a column ``x`` and the metrics)."""
+    with _style():
+        figure, axes = plt.subplots(1, len(metrics), figsize=(3.0 * len(metrics), 2.8))
+        for axis, metric in zip(np.atleast_1d(axes), metrics, strict=True):
+            sns.lineplot(sweep, x=x, y=metric, marker="o", ax=axis)
+            axis.set(title=metric.replace("_", " "), ylabel="")
+            if sweep[x].min() > 0 and sweep[x].max() / sweep[x].min() > 8:
+                axis.set_xscale("log", base=2)
+        figure.tight_layout()
+    return figure
+
+
+def atom_heatmaps(dictionary: np.ndarray, n_experts: int, atom_ids: Sequence[int],
+                  labels: Sequence[str] | None = None):
+    """Atoms drawn as layers × experts grids (expert weight in [0, 1])."""
+    with _style():
+        n_layers = dictionary.shape[1] // n_experts
+        n_columns = min(3, len(atom_ids))
+        n_rows = int(np.ceil(len(atom_ids) / n_columns))
+        figure, axes = plt.subplots(n_rows, n_columns, squeeze=False,
+                                    figsize=(3.6 * n_columns, 0.35 * n_layers * n_rows + 1.2))
+        for index, axis in enumerate(axes.ravel()):
+            if index >= len(atom_ids):
+                axis.set_axis_off()
+                continue
+            atom = atom_ids[index]
+            sns.heatmap(dictionary[atom].reshape(n_layers, n_experts), ax=axis, vmin=0, vmax=1,
+                        cmap="rocket_r", cbar=False, xticklabels=False)
+            axis.set(title=labels[index] if labels else f"atom {atom}", xlabel="expert",
+                     ylabel="layer")
+        figure.tight_layout()
+    return figure
+
+
+def coverage_plot(fractions: Sequence[float], curves: dict[str, Sequence[float]],
+                  paper_point: tuple[float, float] | None = (0.10, 0.60)):
+    """Coverage@k% (share of atoms whose strongest experts are among the top k% co-activated
+    sets) for several dictionaries and baselines; the paper's ~60% at 10% as a marker."""
+    with _style():
+        figure, axis = plt.subplots(figsize=(5.6, 3.6))
+        for index, (name, values) in enumerate(curves.items()):
+            style = "--" if "random" in name else "-"
+            axis.plot(np.asarray(fractions) * 100, np.asarray(values) * 100, style,
+                      color=f"C{index}", label=name)
+        if paper_point is not None:
+            axis.plot(paper_point[0] * 100, paper_point[1] * 100, "k*", markersize=10,
+                      label="paper (about 60% at 10%)")
+        axis.set(xlabel="top k% of co-activated sets", ylabel="atoms covered (%)",
+                 xscale="log", title="Coverage of atoms by frequent co-activations")
+        axis.legend(frameon=False, fontsize=7)
+        figure.tight_layout()
+    return figure
+
+
+# ---- atoms and their tokens (04_annotation) ---------------------------------------------------
+
+
+def _atom_names(labels, n_atoms: int) -> list[str]:
+    """One label per atom from a sequence, a mapping atom -> label or None."""
+    if labels is None:
+        return [""] * n_atoms
+    if hasattr(labels, "get") and not isinstance(labels, pd.Series):
+        return [str(labels.get(atom, "")) for atom in range(n_atoms)]
+    names = [str(name) for name in labels]
+    if len(names) != n_atoms:
+        raise ValueError(f"labels must have one entry per atom ({n_atoms}); got {len(names)}")
+    return names
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def atom_tree(hierarchy: np.ndarray, labels1=None, labels2=None,
+              sizes1: Sequence[float] | None = None, sizes2: Sequence[float] | None = None, *,
+              max_parents: int = 16, max_children: int = 3, child_ratio: float = 0.05,
+              label_width: int = 42, edge_labels: bool | None = None,
+              title: str | None = None):
+    """The level-1 → level-2 atom tree: largest level-1 atoms left, their children right.
+
+    Parameters
+    ----------
+    hierarchy : ndarray, shape (K1, K2)
+        ``HSDL.hierarchy_codes_[0]``: how much of each level-2 atom each level-1 atom uses.
+    labels1, labels2 : sequence of str (length K1, K2), mapping atom -> str, or None
+        Atom labels, e.g. from :func:`moecollab.annotation.label_atoms`.
+    sizes1, sizes2 : sequence of float, length K1 and K2, optional
+        Tokens per atom; level-1 atoms are shown largest first (by total hierarchy weight when
+        not given) and marker areas follow the sizes.
+    max_parents : int, default=16
+        Level-1 atoms shown (the largest); the title says how many there are.
+    max_children : int, default=3
+        Children drawn per level-1 atom, strongest first.
+    child_ratio : float, default=0.05
+        A level-2 atom is a child when its weight exceeds this share of the row's largest
+        (as in :func:`moecollab.annotation.assign_atoms`).
+    label_width : int, default=42
+        Characters of a label before it is cut with "…".
+    edge_labels : bool, optional
+        Write each edge's relative weight on it; by default only when there are at most 24
+        edges (more would overlap; the width still shows the weight).
+    title : str, optional
+
+    Notes
+    -----
+    A level-2 atom shared by several level-1 atoms is drawn once, placed at the mean height of
+    its parents, so shared sub-patterns show as converging edges. Edge width and the number on
+    each edge are the hierarchy weight relative to the parent's strongest child (1 = strongest).
+    Level-1 colours match :func:`moecollab.annotation.atom_colours`.
+    """
+    from moecollab.annotation import atom_colours
+
+    hierarchy = np.asarray(hierarchy, dtype=float)
+    if hierarchy.ndim != 2:
+        raise ValueError(f"hierarchy must have shape (K1, K2); got {hierarchy.shape}")
+    if max_parents < 1 or max_children < 1:
+        raise ValueError(f"max_parents and max_children must be >= 1; got {max_parents!r}, "
+                         f"{max_children!r}")
+    n_atoms1, n_atoms2 = hierarchy.shape
+    names1, names2 = _atom_names(labels1, n_atoms1), _atom_names(labels2, n_atoms2)
+    size1 = (np.asarray(sizes1, dtype=float) if sizes1 is not None else hierarchy.sum(axis=1))
+    size2 = np.asarray(sizes2, dtype=float) if sizes2 is not None else None
+    parents = [int(a) for a in np.argsort(-size1, kind="stable") if size1[a] > 0][:max_parents]
+
+    row_max = hierarchy.max(axis=1)
+    edges = []  # (parent, child, relative weight)
+    for parent in parents:
+        if row_max[parent] <= 0:
+            continue
+        relative = hierarchy[parent] / row_max[parent]
+        for child in np.argsort(-relative, kind="stable")[:max_children]:
+            if relative[child] > child_ratio and hierarchy[parent, child] > 0:
+                edges.append((parent, int(child), float(relative[child])))
+
+    parent_y = {parent: float(len(parents) - 1 - index) for index, parent in enumerate(parents)}
+    pull: dict[int, list[tuple[float, float]]] = {}
+    for parent, child, weight in edges:
+        pull.setdefault(child, []).append((parent_y[parent], weight))
+    children = sorted(pull, key=lambda c: (-np.average([y for y, _ in pull[c]],
+                                                       weights=[w for _, w in pull[c]]), c))
+    n_rows = max(len(parents), len(children), 1)
+    # Both columns span the same height, so a short column is spread out, not bunched at the top.
+    parent_y = {parent: y * (n_rows - 1) / max(len(parents) - 1, 1)
+                for parent, y in parent_y.items()}
+    child_y = {child: float(len(children) - 1 - index) * (n_rows - 1) / max(len(children) - 1, 1)
+               for index, child in enumerate(children)}
+
+    def marker_area(values: np.ndarray, atoms: list[int]) -> np.ndarray:
+        if values is None or not atoms:
+            return np.full(len(atoms), 60.0)
+        chosen = values[atoms]
+        return 20.0 + 180.0 * np.sqrt(chosen / max(float(values.max()), 1e-12))
+
+    colours = atom_colours(parents)
+    if edge_labels is None:
+        edge_labels = len(edges) <= 24
+    with _style():
+        figure, axis = plt.subplots(figsize=(11.0, 0.34 * n_rows + 1.3))
+        for parent, child, weight in edges:
+            y0, y1 = parent_y[parent], child_y[child]
+            axis.plot([0, 1], [y0, y1], color=colours[parent]["background"],
+                      linewidth=0.4 + 3.6 * weight, alpha=0.7, solid_capstyle="round", zorder=1)
+            if edge_labels:
+                axis.text(0.78, y0 + 0.78 * (y1 - y0), f"{weight:.2f}", fontsize=6, ha="center",
+                          va="center", color="0.25", zorder=3,
+                          bbox={"boxstyle": "round,pad=0.1", "facecolor": "white",
+                                "edgecolor": "none", "alpha": 0.8})
+        axis.scatter([0.0] * len(parents), [parent_y[p] for p in parents],
+                     s=marker_area(size1, parents),
+                     c=[colours[p]["background"] for p in parents], edgecolor="0.2",
+                     linewidth=0.6, zorder=2)
+        axis.scatter([1.0] * len(children), [child_y[c] for c in children],
+                     s=marker_area(size2, children), color="0.75", edgecolor="0.2",
+                     linewidth=0.6, zorder=2)
+        for parent in parents:
+            count = f" ({int(size1[parent]):,})" if sizes1 is not None else ""
+            text = _shorten(f"A{parent}{count} {names1[parent]}".rstrip(), label_width)
+            axis.text(-0.04, parent_y[parent], text, ha="right", va="center", fontsize=7)
+        for child in children:
+            count = f" ({int(size2[child]):,})" if size2 is not None else ""
+            text = _shorten(f"B{child}{count} {names2[child]}".rstrip(), label_width)
+            axis.text(1.04, child_y[child], text, ha="left", va="center", fontsize=7)
+        axis.set_xlim(-1.15, 2.15)
+        axis.set_ylim(-0.8, n_rows - 0.2)
+        axis.set_axis_off()
+        shown = (f"the {len(parents)} largest of {n_atoms1} level-1 atoms"
+                 if len(parents) < n_atoms1 else f"all {n_atoms1} level-1 atoms")
+        axis.set_title(title or f"Level-1 atoms (A, left) → level-2 atoms (B, right): {shown}, "
+                       f"≤ {max_children} children each\nedge width = hierarchy weight / the "
+                       "parent's strongest"
+                       + ("; (n) = tokens" if sizes1 is not None or size2 is not None else ""),
+                       fontsize=9)
+        figure.tight_layout()
+    return figure
+
+
+def atom_domain_heatmap(enrichment: pd.DataFrame, significant: pd.DataFrame | None = None, *,
+                        row_labels=None, max_abs: float | None = None,
+                        title: str = "Domain enrichment of each atom"):
+    """Atoms × domains log-odds of domain enrichment, diverging around 0 (= the overall share).
+
+    Parameters
+    ----------
+    enrichment : DataFrame, index atoms, columns domains
+        :func:`moecollab.annotation.enrichment_matrix` (``log_odds`` by default).
+    significant : DataFrame of bool, same shape, optional
+        Cells marked ``*`` (e.g. ``enrichment_matrix(statistics, "significant")``).
+    row_labels : sequence of str or mapping atom -> str, optional
+        Replaces the atom ids on the rows (e.g. labels from ``label_atoms``).
+    max_abs : float, optional
+        Colour limit (symmetric); default the largest finite absolute value, at least 1.
+    title : str
+    """
+    values = enrichment.astype(float)
+    finite = values.to_numpy()[np.isfinite(values.to_numpy())]
+    limit = float(max_abs) if max_abs is not None else max(
+        1.0, float(np.abs(finite).max()) if finite.size else 1.0)
+    n_rows, n_cols = values.shape
+    annotate = n_rows <= 40 and n_cols <= 14
+    annotation = None
+    if annotate:
+        marks = (significant.reindex_like(values).fillna(False).astype(bool).to_numpy()
+                 if significant is not None else np.zeros(values.shape, dtype=bool))
+        annotation = np.array([[("" if not np.isfinite(v) else f"{v:.1f}") + ("*" if m else "")
+                                for v, m in zip(row, mark_row, strict=True)]
+                               for row, mark_row in zip(values.to_numpy(), marks, strict=True)])
+    if row_labels is None:
+        names = [str(atom) for atom in values.index]
+    elif hasattr(row_labels, "get"):
+        names = [_shorten(f"{atom} {row_labels.get(atom, '')}".rstrip(), 40)
+                 for atom in values.index]
+    else:
+        names = [_shorten(str(name), 40) for name in row_labels]
+    with _style():
+        figure, axis = plt.subplots(figsize=(min(14.0, 0.7 * n_cols + 4.5),
+                                             min(16.0, 0.28 * n_rows + 1.6)))
+        sns.heatmap(values, ax=axis, cmap="vlag", center=0, vmin=-limit, vmax=limit,
+                    annot=annotation if annotate else False, fmt="", annot_kws={"fontsize": 6},
+                    yticklabels=names, xticklabels=[str(c) for c in values.columns],
+                    cbar_kws={"label": "log-odds vs overall share (0 = as overall)",
+                              "shrink": 0.8})
+        axis.set(xlabel="domain", ylabel="atom",
+                 title=title + ("\n* significant enrichment (Bonferroni)"
+                                if significant is not None and annotate else ""))
+        axis.tick_params(labelsize=7)
+        axis.tick_params(axis="x", rotation=35)
+        figure.tight_layout()
+    return figure
+
+
+def purity_vs_random(observed, random_mean, random_std, *, labels: Sequence[str] | None = None,
+                     title: str = "Domain purity of atoms\nvs random atoms of the same sizes"):
+    """Observed domain purity beside the purity of random atoms (mean ± std).
+
+    Parameters
+    ----------
+    observed, random_mean, random_std : float or sequence of float
+        One value per group (e.g. per level), from :func:`moecollab.annotation.domain_purity`
+        and :func:`moecollab.annotation.random_purity`.
+    labels : sequence of str, optional
+        Group names (default "level 1", "level 2", …).
+    title : str
+    """
+    observed = np.atleast_1d(np.asarray(observed, dtype=float))
+    random_mean = np.atleast_1d(np.asarray(random_mean, dtype=float))
+    random_std = np.atleast_1d(np.asarray(random_std, dtype=float))
+    if not observed.shape == random_mean.shape == random_std.shape:
+        raise ValueError("observed, random_mean and random_std must have the same length; got "
+                         f"{observed.shape}, {random_mean.shape}, {random_std.shape}")
+    labels = list(labels) if labels is not None else [f"level {i + 1}"
+                                                       for i in range(len(observed))]
+    positions = np.arange(len(observed))
+    with _style():
+        figure, axis = plt.subplots(figsize=(1.6 * len(observed) + 2.8, 3.2))
+        axis.bar(positions - 0.18, observed, width=0.36, color="C0", label="HSDL atoms")
+        axis.bar(positions + 0.18, random_mean, width=0.36, color="0.7",
+                 yerr=random_std, capsize=3, label="random atoms (mean ± std)")
+        for x, value in zip(positions - 0.18, observed, strict=True):
+            axis.text(x, value, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+        for x, value, spread in zip(positions + 0.18, random_mean, random_std, strict=True):
+            axis.text(x, value + spread, f"{value:.2f}", ha="center", va="bottom", fontsize=7)
+        axis.set_xticks(positions, labels)
+        axis.set(ylim=(0, 1.3), ylabel="size-weighted largest domain share", title=title)
+        axis.set_yticks(np.linspace(0, 1, 6))
+        axis.legend(frameon=False, fontsize=7, loc="upper center", ncol=2)
+        figure.tight_layout()
+    return figure

@@ -140,6 +140,26 @@ STAGES: tuple[Stage, ...] = (
         needs=("01_capture",),
         checks={"n_top": POSITIVE, "min_count": POSITIVE, "lift_threshold": Check(low=1)},
     ),
+    Stage(
+        "03_hsdl",
+        "Collaboration patterns by hierarchical sparse dictionary learning",
+        needs=("01_capture",),
+        checks={
+            "level": Check(choices=("token", "sample")),
+            "value": Check(choices=("weight", "binary")),
+            "n_atoms": Check(low=1, each=True),
+            "lambda_codes": NON_NEGATIVE,
+            "lambda_recon": NON_NEGATIVE,
+            "lambda_sparse": NON_NEGATIVE,
+            "n_epochs": POSITIVE,
+            "batch_size": POSITIVE,
+            "lr": Check(low=0, high=1, low_open=True),
+            "max_samples": Check(low=100),
+            "sweep_atoms": Check(low=1, each=True),
+            "sweep_lambda_codes": Check(low=0, each=True),
+            "sweep_epochs": POSITIVE,
+        },
+    ),
 )
 
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
