@@ -256,7 +256,8 @@ def _check_relations(stage: str, values: dict[str, Any]) -> None:
             f"parameter 'top_k' of stage {stage} must be <= n_experts "
             f"({values['n_experts']}); got {values['top_k']!r}")
     atoms = values.get("n_atoms")
-    if isinstance(atoms, list) and (not atoms or any(a < b for a, b in zip(atoms, atoms[1:]))):
+    if isinstance(atoms, list) and (not atoms or any(
+            a < b for a, b in zip(atoms, atoms[1:], strict=False))):
         raise ParameterError(
             f"parameter 'n_atoms' of stage {stage} must be a non-empty list that does not grow "
             f"from level to level (level l+1 is learned from level l's atoms); got {atoms!r}")
