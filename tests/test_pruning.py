@@ -454,3 +454,16 @@ def test_save_pruned_refuses_existing_folder(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_pruned(tiny_model("olmoe"), tmp_path / "out", method="x", prune_ratio=0.0,
                     calibration={})
+
+
+def test_models_load_model_reads_a_pruned_checkpoint_with_its_tokenizer(batch, tmp_path):
+    from moecollab.models import load_model, train_tokenizer
+
+    tokenizer = train_tokenizer(["pruned experts reroute tokens"] * 20, vocab_size=300)
+    model = apply_keep_mask(tiny_model("olmoe"), NON_UNIFORM)
+    expected = logits(model, batch)
+    path = save_pruned(model, tmp_path / "pruned", method="caep", prune_ratio=0.33,
+                       calibration={}, tokenizer=tokenizer)
+    reloaded, reloaded_tokenizer = load_model(path)
+    assert torch.equal(logits(reloaded, batch), expected)
+    assert reloaded_tokenizer.eos_token == "<|endoftext|>"

@@ -121,9 +121,16 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
     if trust_remote_code:
         logger.warning("trust_remote_code=True: running code shipped with %s", path)
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-        dtype=dtype if dtype is not None else "auto")
+    config = json.loads((local / "config.json").read_text()) if local.exists() else {}
+    if "kept_experts" in config or "masked_experts" in config:
+        # A pruned checkpoint: per-layer expert counts and masks need moecollab's loader.
+        from .pruning_apply import load_pruned
+
+        model = load_pruned(local, dtype=dtype, device=target)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
+            dtype=dtype if dtype is not None else "auto")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model.to(target).eval(), tokenizer
 
