@@ -375,6 +375,8 @@ def _atom_names(labels, n_atoms: int) -> list[str]:
     """One label per atom from a sequence, a mapping atom -> label or None."""
     if labels is None:
         return [""] * n_atoms
+    if isinstance(labels, pd.DataFrame):  # label_atoms output
+        labels = dict(zip(labels["atom"].astype(int), labels["label"].astype(str), strict=True))
     if hasattr(labels, "get") and not isinstance(labels, pd.Series):
         return [str(labels.get(atom, "")) for atom in range(n_atoms)]
     names = [str(name) for name in labels]
@@ -398,8 +400,8 @@ def atom_tree(hierarchy: np.ndarray, labels1=None, labels2=None,
     ----------
     hierarchy : ndarray, shape (K1, K2)
         ``HSDL.hierarchy_codes_[0]``: how much of each level-2 atom each level-1 atom uses.
-    labels1, labels2 : sequence of str (length K1, K2), mapping atom -> str, or None
-        Atom labels, e.g. from :func:`moecollab.annotation.label_atoms`.
+    labels1, labels2 : sequence of str (length K1, K2), mapping atom -> str, DataFrame or None
+        Atom labels; a DataFrame is :func:`moecollab.annotation.label_atoms` output.
     sizes1, sizes2 : sequence of float, length K1 and K2, optional
         Tokens per atom; level-1 atoms are shown largest first (by total hierarchy weight when
         not given) and marker areas follow the sizes.
@@ -521,7 +523,7 @@ def atom_domain_heatmap(enrichment: pd.DataFrame, significant: pd.DataFrame | No
         :func:`moecollab.annotation.enrichment_matrix` (``log_odds`` by default).
     significant : DataFrame of bool, same shape, optional
         Cells marked ``*`` (e.g. ``enrichment_matrix(statistics, "significant")``).
-    row_labels : sequence of str or mapping atom -> str, optional
+    row_labels : sequence of str, mapping atom -> str or DataFrame, optional
         Replaces the atom ids on the rows (e.g. labels from ``label_atoms``).
     max_abs : float, optional
         Colour limit (symmetric); default the largest finite absolute value, at least 1.
@@ -540,6 +542,9 @@ def atom_domain_heatmap(enrichment: pd.DataFrame, significant: pd.DataFrame | No
         annotation = np.array([[("" if not np.isfinite(v) else f"{v:.1f}") + ("*" if m else "")
                                 for v, m in zip(row, mark_row, strict=True)]
                                for row, mark_row in zip(values.to_numpy(), marks, strict=True)])
+    if isinstance(row_labels, pd.DataFrame):  # label_atoms output
+        row_labels = dict(zip(row_labels["atom"].astype(int), row_labels["label"].astype(str),
+                              strict=True))
     if row_labels is None:
         names = [str(atom) for atom in values.index]
     elif hasattr(row_labels, "get"):
