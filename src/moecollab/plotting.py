@@ -606,3 +606,29 @@ def purity_vs_random(observed, random_mean, random_std, *, labels: Sequence[str]
         axis.legend(frameon=False, fontsize=7, loc="upper center", ncol=2)
         figure.tight_layout()
     return figure
+
+
+def mask_overlap(jaccard: pd.DataFrame, title: str = "Overlap of kept experts (Jaccard)"):
+    """Jaccard similarity between the kept-expert sets of several methods."""
+    with _style():
+        size = 0.55 * len(jaccard) + 2.2
+        figure, axis = plt.subplots(figsize=(size + 1, size))
+        sns.heatmap(jaccard, ax=axis, vmin=0, vmax=1, cmap="mako", annot=True, fmt=".2f",
+                    annot_kws={"fontsize": 7}, square=True)
+        axis.set(title=title, xlabel="", ylabel="")
+        axis.tick_params(labelsize=8)
+        figure.tight_layout()
+    return figure
+
+
+def kept_per_layer(kept: pd.DataFrame, top_k: int | None = None):
+    """Experts kept in each layer by each method (``kept``: layer, method, kept)."""
+    with _style():
+        figure, axis = plt.subplots(figsize=(7, 3.4))
+        sns.barplot(kept, x="layer", y="kept", hue="method", ax=axis)
+        if top_k is not None:
+            axis.axhline(top_k, color="0.3", linestyle=":", linewidth=1, label=f"top-k = {top_k}")
+        axis.set(ylabel="experts kept", title="Experts kept per layer")
+        axis.legend(frameon=False, fontsize=7, ncols=2)
+        figure.tight_layout()
+    return figure

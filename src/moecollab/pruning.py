@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,7 +54,9 @@ __all__ = [
     "count_parameters_pruned",
     "expert_forward",
     "expert_scores",
+    "jaccard_matrix",
     "keep_mask_from_scores",
+    "mask_catalogue_row",
     "load_pruned",
     "n_kept",
     "random_keep_mask",
@@ -710,3 +713,30 @@ def scores_from_trace(
         "seer": (weight_sums / max(n_tokens, 1)).reshape(n_layers, trace.n_experts),
     }
     return results[methods[0]] if isinstance(method, str) else {m: results[m] for m in methods}
+
+
+def jaccard_matrix(masks: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Jaccard similarity |A ∩ B| / |A ∪ B| between the kept sets of named keep-masks.
+
+    Examples
+    --------
+    >>> jaccard_matrix({"a": np.array([True, True, False]),
+    ...                 "b": np.array([True, False, True])}).loc["a", "b"]
+    np.float64(0.3333333333333333)
+    """
+    names = list(masks)
+    flat = np.stack([np.asarray(masks[name], dtype=bool).ravel() for name in names])
+    intersection = flat.astype(int) @ flat.T.astype(int)
+    sizes = flat.sum(axis=1)
+    union = sizes[:, None] + sizes[None, :] - intersection
+    return pd.DataFrame(np.where(union > 0, intersection / np.maximum(union, 1), 1.0),
+                        index=names, columns=names)
+
+
+def mask_catalogue_row(name: str, keep_mask: np.ndarray, **details: Any) -> dict[str, Any]:
+    """One row describing a keep-mask: its name, details, experts kept in all and per layer."""
+    keep_mask = np.asarray(keep_mask, dtype=bool)
+    per_layer = keep_mask.sum(axis=1)
+    return {"name": name, **details, "kept": int(keep_mask.sum()),
+            "kept_share": float(keep_mask.mean()), "min_kept_in_a_layer": int(per_layer.min()),
+            "kept_per_layer": " ".join(str(int(n)) for n in per_layer)}

@@ -160,6 +160,32 @@ STAGES: tuple[Stage, ...] = (
             "sweep_epochs": POSITIVE,
         },
     ),
+    Stage(
+        "04_annotation",
+        "What do the collaboration patterns handle?",
+        needs=("01_capture", "03_hsdl"),
+        checks={"n_top_tokens": POSITIVE, "min_count": POSITIVE,
+                "n_passages_per_domain": NON_NEGATIVE, "passage_length": POSITIVE,
+                "n_random_repeats": POSITIVE},
+    ),
+    Stage(
+        "05_pruning",
+        "Pruning experts: CAEP and five baselines",
+        needs=("00_model", "03_hsdl"),
+        checks={
+            "prune_ratios": Check(low=0, high=1, high_open=True, each=True),
+            "threshold_ratio": Check(low=0, high=1, low_open=True),
+            "caep_level": POSITIVE,
+            "scope": Check(choices=("global", "per_layer")),
+            "n_random_seeds": POSITIVE,
+            "calibration_split": Check(choices=("train", "validation", "test")),
+            "calibration_tokens": Check(low=64),
+            "seq_len": Check(low=8, high=32768),
+            "batch_size": POSITIVE,
+            "ablation_threshold_ratios": Check(low=0, high=1, low_open=True, each=True),
+            "domain_prune_ratio": FRACTION_OPEN,
+        },
+    ),
 )
 
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
