@@ -154,3 +154,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_the_run_resumes(project):
                                                                "executed"]
     assert sorted(p.name for p in (profile_folder / "executed").iterdir()) == [
         "10_first.ipynb", "11_second.ipynb"]
+
+
+def test_the_source_hash_follows_only_the_modules_a_notebook_imports(tmp_path):
+    package = tmp_path / "src" / "moecollab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "used.py").write_text("from .helper import thing\n")
+    (package / "helper.py").write_text("thing = 1\n")
+    (package / "unused.py").write_text("other = 1\n")
+    notebook = tmp_path / "stage.md"
+    notebook.write_text(NOTEBOOK.format(name="x").replace(
+        "from pathlib import Path", "from pathlib import Path\nfrom moecollab import used"))
+    before = runner.source_hash(tmp_path, notebook)
+    (package / "unused.py").write_text("other = 2\n")
+    assert runner.source_hash(tmp_path, notebook) == before
+    (package / "helper.py").write_text("thing = 2\n")  # imported by an imported module
+    assert runner.source_hash(tmp_path, notebook) != before

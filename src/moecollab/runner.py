@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -49,14 +50,61 @@ class Plan:
     force: bool = False
 
 
-def source_hash(root: Path) -> str:
-    """One hash of the package's Python sources: a code change re-runs the stages."""
+def _package_dir(root: Path) -> Path:
     package = root / "src" / "moecollab"
-    if not package.is_dir():  # installed without a source tree
-        package = Path(__file__).parent
-    files = sorted(package.rglob("*.py"))
+    return package if package.is_dir() else Path(__file__).parent  # installed, no source tree
+
+
+def _imported_modules(source: str, package: Path, current: Path | None = None) -> set[Path]:
+    """Files of ``moecollab`` modules that ``source`` imports (absolute or relative imports)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level and current is not None:
+                base = current.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                prefix = ".".join(base.relative_to(package.parent).parts)
+                module = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                module = node.module or ""
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "moecollab":
+                continue
+            for end in range(1, len(parts) + 1):
+                stem = package.parent.joinpath(*parts[:end])
+                for candidate in (stem.with_suffix(".py"), stem / "__init__.py"):
+                    if candidate.is_file():
+                        found.add(candidate)
+    return found
+
+
+def source_hash(root: Path, notebook: Path) -> str:
+    """One hash of the package modules a notebook uses, followed through their own imports.
+
+    A change to code the stage runs re-runs it; a change elsewhere in the package does not.
+    """
+    package = _package_dir(root)
+    import jupytext
+
+    cells = jupytext.read(notebook).cells
+    code = "\n".join(cell.source for cell in cells if cell.cell_type == "code"
+                     and not cell.source.lstrip().startswith(("%", "!")))
+    pending = _imported_modules(code, package) | {package / "__init__.py"}
+    seen: set[Path] = set()
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pending |= _imported_modules(path.read_text(), package, current=path) - seen
     return artifacts.text_sha256("".join(
-        f"{path.relative_to(package)}:{artifacts.file_sha256(path)}\n" for path in files))
+        f"{path.relative_to(package)}:{artifacts.file_sha256(path)}\n" for path in sorted(seen)))
 
 
 def make_plan(profile: str = "default", overrides: list[str] | None = None,
@@ -89,7 +137,7 @@ def stage_key(plan: Plan, stage: Stage, inputs: dict[str, str]) -> str:
     notebook = artifacts.file_sha256(plan.root / stage.notebook)
     return artifacts.text_sha256(json.dumps({
         "stage": stage.name, "parameters": plan.parameters[stage.name], "inputs": inputs,
-        "notebook": notebook, "source": source_hash(plan.root),
+        "notebook": notebook, "source": source_hash(plan.root, plan.root / stage.notebook),
     }, sort_keys=True, default=str))
 
 
