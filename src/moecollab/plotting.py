@@ -632,3 +632,142 @@ def kept_per_layer(kept: pd.DataFrame, top_k: int | None = None):
         axis.legend(frameon=False, fontsize=7, ncols=2)
         figure.tight_layout()
     return figure
+
+
+def accuracy_vs_ratio(table: pd.DataFrame, *, value: str = "value",
+                      unpruned: str = "unpruned", random_method: str = "random",
+                      chance: float | None = None, ylabel: str = "accuracy",
+                      title: str = "Accuracy after pruning"):
+    """Accuracy of each pruning method over pruning ratios (the paper's main comparison).
+
+    Parameters
+    ----------
+    table : DataFrame
+        Columns ``method``, ``prune_ratio`` (fraction of experts pruned, e.g. 0.25) and
+        ``value``; several rows per (method, ratio) are averaged. Rows of ``random_method``
+        (one per seed) also draw their min–max spread as a band; rows of ``unpruned`` (any
+        ratio) draw a horizontal line at their mean.
+    value : str, default "value"
+    unpruned, random_method : str
+        Method names of the unpruned model and of random pruning.
+    chance : float, optional
+        A dotted line at the chance level (e.g. 0.25 for four choices).
+    ylabel, title : str
+    """
+    missing = sorted({"method", "prune_ratio", value} - set(table.columns))
+    if missing:
+        raise ValueError(f"table lacks column(s) {', '.join(missing)}")
+    methods = [name for name in dict.fromkeys(table["method"]) if name != unpruned]
+    ratios = sorted(table.loc[table["method"] != unpruned, "prune_ratio"].unique())
+    with _style():
+        figure, axis = plt.subplots(figsize=(7.2, 3.6))
+        palette = sns.color_palette("tab10", max(len(methods), 1))
+        for color, method in zip(palette, methods, strict=False):
+            rows = table[table["method"] == method]
+            stats = rows.groupby("prune_ratio")[value].agg(["mean", "min", "max", "size"])
+            stats = stats.sort_index()
+            percent = 100 * stats.index.to_numpy(dtype=float)
+            is_random = method == random_method and bool((stats["size"] > 1).any())
+            label = f"{method} (mean, min–max of {int(stats['size'].max())})" if is_random \
+                else method
+            sns.lineplot(x=percent, y=stats["mean"].to_numpy(), ax=axis, color=color,
+                         marker="o", label=label, linestyle="--" if is_random else "-")
+            if is_random:
+                axis.fill_between(percent, stats["min"], stats["max"], color=color, alpha=0.2,
+                                  linewidth=0)
+        reference = table.loc[table["method"] == unpruned, value]
+        if len(reference):
+            axis.axhline(float(reference.mean()), color="0.25", linewidth=1.0,
+                         label=f"{unpruned} ({float(reference.mean()):.3f})")
+        if chance is not None:
+            axis.axhline(chance, color="0.6", linestyle=":", linewidth=1.0, label="chance")
+        if ratios:
+            axis.set_xticks([100 * float(ratio) for ratio in ratios])
+        axis.set(xlabel="experts pruned (%)", ylabel=ylabel, title=title)
+        axis.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        figure.tight_layout()
+    return figure
+
+
+def domain_drop_heatmap(matrix: pd.DataFrame, *, vmax: float | None = None,
+                        title: str = "Relative change after domain-specific pruning"):
+    """Relative accuracy change, calibration domain × evaluated domain (the paper's Fig. 9).
+
+    Parameters
+    ----------
+    matrix : DataFrame
+        Rows: the domain whose data chose the pruned experts; columns: the evaluated domain;
+        values: ``(acc_pruned - acc_unpruned) / acc_unpruned`` as fractions (see
+        :func:`moecollab.evaluation.relative_drop`). Cells where the two domains agree are
+        outlined.
+    vmax : float, optional
+        Colour limit (symmetric around 0); default the largest absolute value.
+    title : str
+    """
+    from matplotlib.ticker import PercentFormatter
+
+    values = matrix.astype(float)
+    finite = np.abs(values.to_numpy())[np.isfinite(values.to_numpy())]
+    limit = vmax if vmax is not None else max(float(finite.max()) if finite.size else 0.0, 1e-3)
+    n_rows, n_cols = values.shape
+    with _style():
+        figure, axis = plt.subplots(figsize=(0.95 * n_cols + 2.6, 0.6 * n_rows + 1.8))
+        sns.heatmap(values, ax=axis, cmap="RdBu", center=0.0, vmin=-limit, vmax=limit,
+                    annot=True, fmt=".1%", annot_kws={"fontsize": 7}, linewidths=0.5,
+                    linecolor="white",
+                    cbar_kws={"label": "relative change vs unpruned",
+                              "format": PercentFormatter(1.0)})
+        columns = [str(column) for column in values.columns]
+        for row, domain in enumerate(str(index) for index in values.index):
+            if domain in columns:
+                axis.add_patch(plt.Rectangle((columns.index(domain), row), 1, 1, fill=False,
+                                         edgecolor="0.1", linewidth=1.4))
+        axis.set(xlabel="evaluated on", ylabel="experts chosen with", title=title)
+        axis.tick_params(axis="x", rotation=35)
+        axis.tick_params(axis="y", rotation=0)
+        figure.tight_layout()
+    return figure
+
+
+def results_bars(table: pd.DataFrame, *, value: str = "value", stderr: str | None = "stderr",
+                 task: str = "task", method: str = "method", ylabel: str = "accuracy",
+                 title: str = "Accuracy per task"):
+    """Grouped bars: one group per task, one bar per method, ± standard error where known.
+
+    Parameters
+    ----------
+    table : DataFrame
+        One row per (method, task) with ``value`` (and optionally ``stderr``); repeated rows
+        are averaged (e.g. random seeds).
+    value, stderr, task, method : str
+        Column names; ``stderr=None`` draws no error bars.
+    ylabel, title : str
+    """
+    missing = sorted({task, method, value} - set(table.columns))
+    if missing:
+        raise ValueError(f"table lacks column(s) {', '.join(missing)}")
+    task_names = list(dict.fromkeys(table[task]))
+    method_names = list(dict.fromkeys(table[method]))
+    means = table.groupby([method, task], sort=False)[value].mean()
+    errors = (table.groupby([method, task], sort=False)[stderr].mean()
+              if stderr is not None and stderr in table.columns else None)
+    positions = np.arange(len(task_names))
+    width = 0.8 / max(len(method_names), 1)
+    with _style():
+        figure, axis = plt.subplots(figsize=(max(4.5, 0.35 * len(task_names)
+                                                 * len(method_names) + 2.5), 3.6))
+        palette = sns.color_palette("tab10", max(len(method_names), 1))
+        for rank, (color, name) in enumerate(zip(palette, method_names, strict=False)):
+            heights = [means.get((name, task_name), np.nan) for task_name in task_names]
+            yerr = ([errors.get((name, task_name), np.nan) for task_name in task_names]
+                    if errors is not None else None)
+            offset = (rank - (len(method_names) - 1) / 2) * width
+            axis.bar(positions + offset, heights, width=width, color=color, label=name,
+                     yerr=yerr, capsize=2, error_kw={"linewidth": 0.8})
+        axis.set_xticks(positions, task_names)
+        axis.tick_params(axis="x", rotation=30 if len(task_names) > 4 else 0)
+        axis.margins(y=0.15)  # room for the legend above the bars
+        axis.set(ylabel=ylabel, title=title)
+        axis.legend(frameon=False, fontsize=7, ncol=min(len(method_names), 4))
+        figure.tight_layout()
+    return figure

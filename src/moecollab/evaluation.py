@@ -1,0 +1,1101 @@
+"""lm-eval runs on unpruned and pruned models, and tidy result tables.
+
+Every accuracy number of the study comes from lm-evaluation-harness (``lm_eval``), run on the
+**in-memory** model through ``HFLM(pretrained=model, tokenizer=tokenizer)``, so a masked or
+per-layer-pruned model needs no checkpoint on disk.
+
+- :func:`write_mcq_tasks` and :func:`write_perplexity_tasks` turn the embedded corpus into local
+  lm-eval tasks: one JSONL file and one task YAML per (domain, split) or domain, a shared
+  template, one group per split, and a small JSON manifest naming the files of every task.
+- :func:`evaluate` runs tasks (local or standard lm-eval ones) and caches each task's result as
+  JSON, keyed by the model, the task definition (hash of the generated files), ``limit``,
+  ``num_fewshot`` and the lm-eval version; :func:`evaluate_masks` does this for many keep-masks.
+- :func:`results_table` and :func:`relative_drop` make long tables out of the raw results.
+
+lm-eval and ``datasets`` read their offline switches and cache folder when they are imported.
+:func:`evaluate` and :func:`check_tasks_resolve` set ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
+and a project-local ``HF_DATASETS_CACHE`` inside a context manager that also patches the
+already-imported ``datasets``/``huggingface_hub`` constants and restores everything afterwards.
+Setting ``HF_HUB_OFFLINE=1`` and ``HF_DATASETS_OFFLINE=1`` in the environment before anything
+imports ``datasets`` remains the most reliable way to run offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from moecollab.artifacts import atomic_path, file_sha256, read_json, text_sha256, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MCQ_METRICS",
+    "PAPER_TASKS",
+    "PERPLEXITY_METRICS",
+    "check_tasks_resolve",
+    "evaluate",
+    "evaluate_masks",
+    "mask_key",
+    "relative_drop",
+    "results_table",
+    "standard_task_names",
+    "task_cache_keys",
+    "write_mcq_tasks",
+    "write_perplexity_tasks",
+]
+
+#: Metrics of the multiple-choice tasks (``acc_norm`` divides by the choice's length in bytes).
+MCQ_METRICS: tuple[str, ...] = ("acc", "acc_norm")
+#: Metrics lm-eval computes for ``loglikelihood_rolling`` tasks.
+PERPLEXITY_METRICS: tuple[str, ...] = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+#: The paper's zero-shot tasks (PIQA only in its first version; METHOD.md §6).
+PAPER_TASKS: tuple[str, ...] = (
+    "arc_challenge", "hellaswag", "winogrande", "rte", "openbookqa", "piqa",
+)
+#: Aliases accepted by :func:`standard_task_names`.
+TASK_ALIASES: dict[str, tuple[str, ...]] = {
+    "paper": PAPER_TASKS,
+    "paper_v2": PAPER_TASKS[:5],
+}
+
+MCQ_PROMPT = "{{question}}\nAnswer:"
+# Bumped whenever the layout of a cache entry changes.
+CACHE_FORMAT = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_MANIFEST_SUFFIX = "_tasks.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Writing local tasks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(kind: str, value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{kind} must be letters, digits, '_' or '-' (starting with a letter or "
+                         f"digit); got {value!r}")
+    return value
+
+
+def _yaml_text(obj: Mapping[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(dict(obj), sort_keys=True, allow_unicode=True,
+                          default_flow_style=False, width=10_000)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically, leaving an identical file untouched (stable mtimes)."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _jsonl_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _remove_stale(task_dir: Path, manifest_name: str, keep: set[str]) -> None:
+    """Delete files a previous write listed in its manifest that the new write does not use."""
+    path = task_dir / manifest_name
+    if not path.is_file():
+        return
+    try:
+        previous = read_json(path)
+    except (OSError, ValueError):
+        return
+    old_files = {name for entry in (*previous.get("tasks", {}).values(),
+                                    *previous.get("groups", {}).values())
+                 for name in entry.get("files", [])}
+    for name in sorted(old_files - keep):
+        stale = task_dir / name
+        if stale.is_file() and stale.parent == task_dir:
+            stale.unlink()
+
+
+def _group_yaml(group: str, subtasks: list[str], metrics: Sequence[str]) -> dict[str, Any]:
+    return {
+        "group": group,
+        "task": subtasks,
+        "aggregate_metric_list": [
+            {"metric": metric, "aggregation": "mean", "weight_by_size": False}
+            for metric in metrics
+        ],
+        "metadata": {"version": 1.0},
+    }
+
+
+def write_mcq_tasks(
+    items: pd.DataFrame,
+    task_dir: str | os.PathLike,
+    *,
+    prefix: str = "moecollab",
+    splits: Sequence[str] = ("train", "test"),
+) -> list[str]:
+    """Write multiple-choice items as local lm-eval tasks, one per (domain, split).
+
+    Parameters
+    ----------
+    items : DataFrame
+        As made by :func:`moecollab.data.make_mcq_items`: columns ``item_id``, ``domain``,
+        ``split``, ``term``, ``question``, ``choices`` (list of str) and ``answer`` (int index
+        of the right choice).
+    task_dir : path
+        Folder for the files (created). Files of an earlier call with the same ``prefix`` that
+        this call no longer writes are removed.
+    prefix : str, default "moecollab"
+        First part of every file, task and group name.
+    splits : sequence of str, default ("train", "test")
+        Splits to write; ``train`` items ask about headwords the model was trained on (recall),
+        ``test`` items about held-out headwords.
+
+    Returns
+    -------
+    list of str
+        Task names ``<prefix>_mcq_<domain>_<split>`` (by split, then domain in the corpus's
+        order, unknown domains sorted after), then group names ``<prefix>_mcq_<split>``.
+
+    Notes
+    -----
+    Per task the prompt is ``"<question>\\nAnswer:"`` and each choice is scored as the
+    continuation ``" <choice>"``; metrics ``acc`` and ``acc_norm`` (lm-eval's
+    ``multiple_choice``). A group averages its domains without weighting by size
+    (``weight_by_size: false``). The YAML files carry **absolute** ``data_files`` paths:
+    ``datasets`` resolves relative ones against the working directory, not the YAML folder.
+    Items are written in ``item_id`` order with sorted JSON keys, so the same items give the
+    same bytes.
+    """
+    prefix = _check_name("prefix", prefix)
+    needed = {"item_id", "domain", "split", "question", "choices", "answer"}
+    missing = sorted(needed - set(items.columns))
+    if missing:
+        raise ValueError(f"items lacks column(s) {', '.join(missing)}; expected the output of "
+                         "moecollab.data.make_mcq_items")
+    if isinstance(splits, str) or not splits:
+        raise ValueError(f"splits must be a non-empty sequence of split names; got {splits!r}")
+    for split in splits:
+        _check_name("split", split)
+    task_dir = Path(task_dir).resolve()
+    task_dir.mkdir(parents=True, exist_ok=True)
+
+    template_name = f"_{prefix}_mcq_template_yaml"
+    template = {
+        "dataset_path": "json",
+        "output_type": "multiple_choice",
+        "test_split": "train",  # the data_files key, not the corpus split
+        "doc_to_text": MCQ_PROMPT,
+        "doc_to_choice": "choices",  # a feature name: the list is used as is
+        "doc_to_target": "answer",
+        "metric_list": [
+            {"metric": metric, "aggregation": "mean", "higher_is_better": True}
+            for metric in MCQ_METRICS
+        ],
+        "metadata": {"version": 1.0},
+    }
+    domain_order = _domain_order(items["domain"])
+    tasks: dict[str, dict[str, Any]] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    texts: dict[str, str] = {template_name: _yaml_text(template)}
+    for split in splits:
+        subtasks = []
+        for domain in domain_order:
+            _check_name("domain", domain)
+            rows = items[(items["domain"] == domain) & (items["split"] == split)]
+            if rows.empty:
+                continue
+            rows = rows.sort_values("item_id", kind="stable")
+            name = f"{prefix}_mcq_{domain}_{split}"
+            data_name, yaml_name = f"{name}.jsonl", f"{name}.yaml"
+            texts[data_name] = _jsonl_text([_mcq_row(row) for row in rows.to_dict("records")])
+            texts[yaml_name] = _yaml_text({
+                "include": template_name,
+                "task": name,
+                "dataset_kwargs": {"data_files": {"train": str(task_dir / data_name)}},
+            })
+            tasks[name] = {"kind": "mcq", "domain": domain, "split": split,
+                           "n_docs": len(rows), "files": [template_name, yaml_name, data_name]}
+            subtasks.append(name)
+        if not subtasks:
+            logger.warning("no MCQ items in split %r; no tasks written for it", split)
+            continue
+        group = f"{prefix}_mcq_{split}"
+        texts[f"{group}.yaml"] = _yaml_text(_group_yaml(group, subtasks, MCQ_METRICS))
+        groups[group] = {"kind": "mcq", "domain": "all", "split": split, "subtasks": subtasks,
+                         "files": [f"{group}.yaml"]}
+    if not tasks:
+        raise ValueError(f"items has no rows in splits {list(splits)}; got splits "
+                         f"{sorted(set(items['split']))}")
+    _write_task_files(task_dir, f"{prefix}_mcq{_MANIFEST_SUFFIX}", texts, tasks, groups)
+    return [*tasks, *groups]
+
+
+def _domain_order(domains: pd.Series) -> list[str]:
+    """The corpus's domain order (``moecollab.data.DOMAINS``), then other names sorted."""
+    from moecollab.data.corpus import DOMAINS
+
+    rank = {name: index for index, name in enumerate(DOMAINS)}
+    return sorted(set(domains.tolist()), key=lambda name: (rank.get(name, len(rank)), str(name)))
+
+
+def _mcq_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    choices = [str(choice) for choice in row["choices"]]
+    answer = int(row["answer"])
+    if len(choices) < 2 or not 0 <= answer < len(choices):
+        raise ValueError(f"item {row['item_id']!r}: answer must index one of at least two "
+                         f"choices; got answer={answer} with {len(choices)} choices")
+    out = {key: str(row[key]) for key in ("item_id", "domain", "split", "question")}
+    for key in ("term", "entry_id"):
+        if key in row:
+            out[key] = str(row[key])
+    return {**out, "choices": choices, "answer": answer}
+
+
+def _write_task_files(task_dir: Path, manifest_name: str, texts: dict[str, str],
+                      tasks: dict[str, Any], groups: dict[str, Any]) -> None:
+    _remove_stale(task_dir, manifest_name, set(texts))
+    for name, text in texts.items():
+        _write_text(task_dir / name, text)
+    manifest = {"format": CACHE_FORMAT, "tasks": tasks, "groups": groups}
+    _write_text(task_dir / manifest_name,
+                json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_perplexity_tasks(
+    texts_by_domain: Mapping[str, Sequence[str]],
+    task_dir: str | os.PathLike,
+    *,
+    prefix: str = "moecollab",
+) -> list[str]:
+    """Write held-out text as local lm-eval perplexity tasks, one per domain, plus a group.
+
+    Parameters
+    ----------
+    texts_by_domain : mapping of str to sequence of str
+        Held-out documents per domain; each document is scored as a whole
+        (``loglikelihood_rolling``, in windows of the model's maximum length). Empty documents
+        are skipped.
+    task_dir : path
+        Folder for the files (created); may be the folder of :func:`write_mcq_tasks`.
+    prefix : str, default "moecollab"
+
+    Returns
+    -------
+    list of str
+        Task names ``<prefix>_ppl_<domain>``, then the group ``<prefix>_ppl``.
+
+    Notes
+    -----
+    Metrics are lm-eval's ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte``
+    (lower is better). The group reports their unweighted mean over domains.
+    """
+    prefix = _check_name("prefix", prefix)
+    if not texts_by_domain:
+        raise ValueError("texts_by_domain must name at least one domain; got an empty mapping")
+    task_dir = Path(task_dir).resolve()
+    task_dir.mkdir(parents=True, exist_ok=True)
+    template_name = f"_{prefix}_ppl_template_yaml"
+    template = {
+        "dataset_path": "json",
+        "output_type": "loglikelihood_rolling",
+        "test_split": "train",
+        "doc_to_text": "",
+        "doc_to_target": "text",
+        "metric_list": [
+            {"metric": metric, "aggregation": aggregation, "higher_is_better": False}
+            for metric, aggregation in zip(
+                PERPLEXITY_METRICS, ("weighted_perplexity", "weighted_perplexity",
+                                     "bits_per_byte"), strict=True)
+        ],
+        "metadata": {"version": 1.0},
+    }
+    texts: dict[str, str] = {template_name: _yaml_text(template)}
+    tasks: dict[str, dict[str, Any]] = {}
+    for domain, documents in texts_by_domain.items():
+        _check_name("domain", domain)
+        if isinstance(documents, str):
+            raise ValueError(f"texts_by_domain[{domain!r}] must be a list of documents; got a "
+                             "single str")
+        rows = [{"domain": domain, "text": str(text)} for text in documents if str(text).strip()]
+        if not rows:
+            raise ValueError(f"texts_by_domain[{domain!r}] has no non-empty document")
+        name = f"{prefix}_ppl_{domain}"
+        data_name, yaml_name = f"{name}.jsonl", f"{name}.yaml"
+        texts[data_name] = _jsonl_text(rows)
+        texts[yaml_name] = _yaml_text({
+            "include": template_name,
+            "task": name,
+            "dataset_kwargs": {"data_files": {"train": str(task_dir / data_name)}},
+        })
+        tasks[name] = {"kind": "perplexity", "domain": domain, "split": "heldout",
+                       "n_docs": len(rows), "files": [template_name, yaml_name, data_name]}
+    group = f"{prefix}_ppl"
+    texts[f"{group}.yaml"] = _yaml_text(_group_yaml(group, list(tasks), PERPLEXITY_METRICS))
+    groups = {group: {"kind": "perplexity", "domain": "all", "split": "heldout",
+                      "subtasks": list(tasks), "files": [f"{group}.yaml"]}}
+    _write_task_files(task_dir, f"{prefix}_ppl{_MANIFEST_SUFFIX}", texts, tasks, groups)
+    return [*tasks, group]
+
+
+def _read_task_manifests(task_dir: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """Name → {kind, domain, split, files, subtasks?} for every task written by this module."""
+    if task_dir is None:
+        return {}
+    info: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(task_dir).glob(f"*{_MANIFEST_SUFFIX}")):
+        manifest = read_json(path)
+        for section in ("tasks", "groups"):
+            for name, entry in manifest.get(section, {}).items():
+                info[name] = {**entry, "is_group": section == "groups"}
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# Standard tasks
+# --------------------------------------------------------------------------------------------
+
+
+def standard_task_names(profile_tasks: Sequence[str] | None) -> list[str]:
+    """The standard lm-eval tasks a profile asks for, aliases expanded, duplicates dropped.
+
+    Parameters
+    ----------
+    profile_tasks : sequence of str or None
+        lm-eval task or group names, or the aliases ``"paper"`` (the six zero-shot tasks of
+        the paper's first version: :data:`PAPER_TASKS`) and ``"paper_v2"`` (the five of the
+        revised version, without PIQA). None or empty gives no tasks.
+
+    Returns
+    -------
+    list of str
+        In the order given. Whether lm-eval knows them is checked by
+        :func:`check_tasks_resolve`.
+
+    Examples
+    --------
+    >>> standard_task_names(["paper_v2", "rte", "mmlu"])
+    ['arc_challenge', 'hellaswag', 'winogrande', 'rte', 'openbookqa', 'mmlu']
+    """
+    if profile_tasks is None:
+        return []
+    if isinstance(profile_tasks, str):
+        raise ValueError(f"profile_tasks must be a list of task names; got the str "
+                         f"{profile_tasks!r} (write [{profile_tasks!r}])")
+    names: list[str] = []
+    for entry in profile_tasks:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"profile_tasks entries must be non-empty str; got {entry!r}")
+        for name in TASK_ALIASES.get(entry.strip(), (entry.strip(),)):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def check_tasks_resolve(
+    names: Sequence[str],
+    *,
+    include_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """The names lm-eval does not know as a task, group or tag (downloads nothing).
+
+    Parameters
+    ----------
+    names : sequence of str
+    include_path : path, optional
+        A folder of local task YAMLs to index as well (e.g. the ``task_dir`` of
+        :func:`write_mcq_tasks`).
+    cache_dir : path, optional
+        Parent of the ``datasets`` cache used while lm-eval is imported (default: a
+        temporary folder).
+
+    Returns
+    -------
+    list of str
+        Unknown names, in the order given; empty when every name resolves.
+    """
+    with _hf_environment(cache_dir, offline=True):
+        from lm_eval.tasks import TaskManager
+
+        task_manager = TaskManager(
+            include_path=str(include_path) if include_path is not None else None)
+        known = set(task_manager.all_tasks)
+    return [name for name in names if name not in known]
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _hf_environment(cache_dir: str | os.PathLike | None, *, offline: bool) -> Iterator[Path]:
+    """Offline switches and a project-local ``datasets`` cache, restored on exit.
+
+    ``datasets`` and ``huggingface_hub`` copy the environment into module constants at import
+    time, so the constants of already-imported modules are patched as well.
+    """
+    with tempfile.TemporaryDirectory(prefix="moecollab-hf-") as scratch:
+        hf_home = Path(cache_dir) / "hf" if cache_dir is not None else Path(scratch)
+        datasets_cache = hf_home / "datasets"
+        datasets_cache.mkdir(parents=True, exist_ok=True)
+        env = {"HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(datasets_cache)}
+        if offline:
+            env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        saved_env = {key: os.environ.get(key) for key in env}
+        patches: list[tuple[Any, str, Any]] = []
+        datasets_config = sys.modules.get("datasets.config")
+        if datasets_config is not None:
+            patches.append((datasets_config, "HF_DATASETS_CACHE", datasets_cache))
+            if offline:
+                patches.append((datasets_config, "HF_HUB_OFFLINE", True))
+                patches.append((datasets_config, "HF_DATASETS_OFFLINE", True))
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None and offline:
+            patches.append((hub_constants, "HF_HUB_OFFLINE", True))
+        saved_attrs = [(module, attr, getattr(module, attr)) for module, attr, _ in patches
+                       if hasattr(module, attr)]
+        os.environ.update(env)
+        for module, attr, value in patches:
+            setattr(module, attr, value)
+        try:
+            yield datasets_cache
+        finally:
+            for module, attr, value in saved_attrs:
+                setattr(module, attr, value)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _lm_eval_version() -> str:
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:  # pragma: no cover - lm-eval is a dependency
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Cache keys
+# --------------------------------------------------------------------------------------------
+
+
+def mask_key(base_key: str, keep_mask: np.ndarray | None,
+             mode: Literal["remove", "mask"] = "mask") -> str:
+    """Identifier of a model pruned from the model ``base_key`` names.
+
+    Parameters
+    ----------
+    base_key : str
+        Identifier of the unpruned model (e.g. a hash of its checkpoint).
+    keep_mask : array of bool, shape (n_moe_layers, n_experts), or None
+        True = keep. None, or a mask that keeps every expert, is the unpruned model itself and
+        gives ``base_key`` back.
+    mode : {"remove", "mask"}
+
+    Returns
+    -------
+    str
+        ``"<base_key>|<mode>:<16 hex digits of the mask's hash>"``.
+
+    Examples
+    --------
+    >>> mask_key("base", None)
+    'base'
+    >>> mask_key("base", np.array([[True, False]])).startswith("base|mask:")
+    True
+    """
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask'; got {mode!r}")
+    if not isinstance(base_key, str) or not base_key:
+        raise ValueError(f"base_key must be a non-empty str; got {base_key!r}")
+    if keep_mask is None:
+        return base_key
+    mask = np.asarray(keep_mask)
+    if mask.dtype != bool:
+        raise ValueError(f"keep_mask must be a boolean array; got dtype {mask.dtype}")
+    if mask.all():
+        return base_key
+    digest = hashlib.sha256(repr(mask.shape).encode() + np.packbits(mask, axis=None).tobytes())
+    return f"{base_key}|{mode}:{digest.hexdigest()[:16]}"
+
+
+def _files_hash(task_dir: Path, files: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(set(files)):
+        path = task_dir / name
+        digest.update(f"{name}\0{file_sha256(path) if path.is_file() else 'missing'}\0"
+                      .encode())
+    return digest.hexdigest()
+
+
+def _definition_hashes(names: Sequence[str], task_dir: str | os.PathLike | None
+                       ) -> dict[str, str]:
+    """Hash of the files that define each task; lm-eval's own tasks are keyed by name only."""
+    info = _read_task_manifests(task_dir)
+    hashes = {}
+    for name in names:
+        entry = info.get(name)
+        if entry is None:
+            hashes[name] = "lm-eval"  # with the lm-eval version in the key
+            continue
+        files = list(entry["files"])
+        for subtask in entry.get("subtasks", []):
+            files.extend(info.get(subtask, {}).get("files", []))
+        hashes[name] = _files_hash(Path(task_dir), files)
+    return hashes
+
+
+def _cache_key_dicts(tasks: Sequence[str], task_dir: str | os.PathLike | None, *,
+                     model_key: str, limit: int | float | None, num_fewshot: int,
+                     max_length: int | None, bootstrap_iters: int) -> dict[str, dict[str, Any]]:
+    hashes = _definition_hashes(tasks, task_dir)
+    version = _lm_eval_version()
+    return {
+        name: {
+            "format": CACHE_FORMAT,
+            "model_key": model_key,
+            "task": name,
+            "task_definition": hashes[name],
+            "limit": limit,
+            "num_fewshot": num_fewshot,
+            "max_length": max_length,
+            "bootstrap_iters": bootstrap_iters,
+            "lm_eval": version,
+        }
+        for name in tasks
+    }
+
+
+def _digest(key: Mapping[str, Any]) -> str:
+    return text_sha256(json.dumps(key, sort_keys=True))
+
+
+def task_cache_keys(
+    tasks: Sequence[str],
+    task_dir: str | os.PathLike | None,
+    *,
+    model_key: str,
+    limit: int | float | None = None,
+    num_fewshot: int = 0,
+    max_length: int | None = None,
+    bootstrap_iters: int = 100,
+) -> dict[str, str]:
+    """The cache key (a sha256 hex digest) :func:`evaluate` uses for each task.
+
+    A key covers the model (``model_key``), the task name, the bytes of every file that defines
+    the task (YAML, template and JSONL data; a group also its subtasks' files), ``limit``,
+    ``num_fewshot``, ``max_length``, ``bootstrap_iters`` and the lm-eval version. Tasks not
+    written by :func:`write_mcq_tasks` / :func:`write_perplexity_tasks` (lm-eval's own) are
+    covered by their name and the lm-eval version.
+    """
+    keys = _cache_key_dicts(tasks, task_dir, model_key=model_key, limit=limit,
+                            num_fewshot=num_fewshot, max_length=max_length,
+                            bootstrap_iters=bootstrap_iters)
+    return {name: _digest(key) for name, key in keys.items()}
+
+
+def _cache_path(cache_dir: Path, name: str, key: Mapping[str, Any]) -> Path:
+    return cache_dir / "lm_eval_results" / f"{name}.{_digest(key)[:20]}.json"
+
+
+def _load_cached(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = read_json(path)
+    except (OSError, ValueError) as error:
+        logger.warning("ignoring unreadable cached result %s (%s); evaluating again", path,
+                       error)
+        return None
+    if stored.get("key") != json.loads(json.dumps(key)):
+        logger.warning("cached result %s has another key; evaluating again", path)
+        return None
+    return stored["entry"]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def _descendants(name: str, group_subtasks: Mapping[str, Sequence[str]]) -> list[str]:
+    names = [name]
+    for child in group_subtasks.get(name, []):
+        names.extend(_descendants(child, group_subtasks))
+    return names
+
+
+def _entries_of_raw(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Split lm-eval's output into one self-contained entry per requested task or group."""
+    results = raw.get("results", {})
+    groups = raw.get("groups", {})
+    group_subtasks = raw.get("group_subtasks", {})
+    n_samples = raw.get("n-samples", {})
+    entries = {}
+    for name in names:
+        subtree = [member for member in _descendants(name, group_subtasks) if member in results]
+        if name not in subtree:
+            raise RuntimeError(f"lm-eval returned no result for task {name!r}")
+        entries[name] = _json_value({
+            "results": {member: results[member] for member in subtree},
+            "groups": {member: groups[member] for member in subtree if member in groups},
+            "group_subtasks": {member: list(group_subtasks[member]) for member in subtree
+                               if member in group_subtasks},
+            "n_samples": {member: n_samples[member] for member in subtree
+                          if member in n_samples},
+        })
+    return entries
+
+
+def _without_members(names: list[str], info: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``names`` less those that belong to a local group also in ``names``."""
+    members = {member for name in names for member in info.get(name, {}).get("subtasks", [])}
+    return [name for name in names if name not in members]
+
+
+@contextmanager
+def _preserved_global_rngs() -> Iterator[None]:
+    import random
+
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | os.PathLike |
+                 None, *, limit: int | float | None, batch_size: int, max_length: int | None,
+                 num_fewshot: int, bootstrap_iters: int, random_seed: int) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    # With a model object HFLM ignores its `device` argument and uses the model's device.
+    language_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                          max_length=max_length)
+    # Indexing lm-eval's own few thousand YAMLs takes ~5 s: skip it when every task is local.
+    local = _read_task_manifests(task_dir)
+    task_manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None,
+                               include_defaults=not all(name in local for name in tasks))
+    with _preserved_global_rngs():  # simple_evaluate seeds python's, numpy's and torch's RNGs
+        raw = lm_eval.simple_evaluate(
+            model=language_model, tasks=list(tasks), task_manager=task_manager, limit=limit,
+            num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=bootstrap_iters,
+            random_seed=random_seed, numpy_random_seed=random_seed,
+            torch_random_seed=random_seed, fewshot_random_seed=random_seed)
+    if raw is None:  # only on non-zero ranks of a distributed run
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    return raw
+
+
+def _evaluate(model_factory: Callable[[], Any], tokenizer: Any, tasks: Sequence[str],
+              task_dir: str | os.PathLike | None, *, model_key: str,
+              limit: int | float | None, batch_size: int, max_length: int | None,
+              cache_dir: str | os.PathLike | None, num_fewshot: int, bootstrap_iters: int,
+              offline: bool, random_seed: int) -> dict[str, Any]:
+    tasks = list(dict.fromkeys(tasks))
+    if not tasks:
+        raise ValueError("tasks must name at least one lm-eval task or group; got none")
+    if limit is not None and (isinstance(limit, bool) or not limit > 0):
+        raise ValueError(f"limit must be a positive int, a fraction in (0, 1] or None; "
+                         f"got {limit!r}")
+    if isinstance(limit, float) and limit > 1:
+        raise ValueError(f"limit as a float is a fraction and must be <= 1; got {limit!r}")
+    if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be a non-negative int; got {num_fewshot!r}")
+    if task_dir is not None and not Path(task_dir).is_dir():
+        raise ValueError(f"task_dir must be an existing folder; got {str(task_dir)!r}")
+    keys = _cache_key_dicts(tasks, task_dir, model_key=model_key, limit=limit,
+                            num_fewshot=num_fewshot, max_length=max_length,
+                            bootstrap_iters=bootstrap_iters)
+    cache = Path(cache_dir) if cache_dir is not None else None
+    entries: dict[str, dict[str, Any]] = {}
+    if cache is not None:
+        for name in tasks:
+            entry = _load_cached(_cache_path(cache, name, keys[name]), keys[name])
+            if entry is not None:
+                entries[name] = entry
+    missing = [name for name in tasks if name not in entries]
+    if missing:
+        logger.info("evaluating %s on %s (cached: %d)", ", ".join(missing), model_key,
+                    len(entries))
+        # lm-eval refuses a group together with one of its members ("Duplicate task"): run
+        # the group only; the member's result is part of the group's.
+        to_run = _without_members(missing, _read_task_manifests(task_dir))
+        with _hf_environment(cache, offline=offline):
+            raw = _run_lm_eval(model_factory(), tokenizer, to_run, task_dir, limit=limit,
+                               batch_size=batch_size, max_length=max_length,
+                               num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                               random_seed=random_seed)
+        fresh = _entries_of_raw(raw, missing)
+        if cache is not None:
+            for name, entry in fresh.items():
+                write_json(_cache_path(cache, name, keys[name]), {"key": keys[name],
+                                                                   "entry": entry})
+        entries.update(fresh)
+    info = _read_task_manifests(task_dir)
+    merged: dict[str, Any] = {"results": {}, "groups": {}, "group_subtasks": {},
+                              "n_samples": {}}
+    for name in tasks:
+        entry = entries[name]
+        # Requested order, each group followed by its members (cached JSON has sorted keys).
+        for member in _descendants(name, entry["group_subtasks"]):
+            if member in entry["results"]:
+                merged["results"][member] = entry["results"][member]
+        for section in ("groups", "group_subtasks", "n_samples"):
+            merged[section].update(entry[section])
+    merged["task_info"] = {
+        name: {key: info[name][key] for key in ("kind", "domain", "split")}
+        for name in merged["results"] if name in info
+    }
+    merged["config"] = {
+        "model_key": model_key, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
+        "max_length": max_length, "bootstrap_iters": bootstrap_iters,
+        "lm_eval": _lm_eval_version(), "cache_keys": {name: _digest(keys[name])
+                                                      for name in tasks},
+    }
+    merged["cached"] = [name for name in tasks if name not in missing]
+    merged["evaluated"] = missing
+    return merged
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    task_dir: str | os.PathLike | None,
+    *,
+    model_key: str,
+    limit: int | float | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    max_length: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    num_fewshot: int = 0,
+    bootstrap_iters: int = 100,
+    offline: bool = True,
+    random_seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate an in-memory model on lm-eval tasks, reusing cached results.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Evaluated as it is (masked or pruned models included); put in eval mode.
+    tokenizer : transformers tokenizer
+    tasks : sequence of str
+        Task or group names: local ones from :func:`write_mcq_tasks` /
+        :func:`write_perplexity_tasks` in ``task_dir``, or lm-eval's own (which need their
+        datasets in the cache, or ``offline=False`` and hub access).
+    task_dir : path or None
+        Folder of local task YAMLs (lm-eval's ``include_path``).
+    model_key : str
+        The caller's identifier of the model, e.g. a hash of the checkpoint, extended by
+        :func:`mask_key` for pruned variants. Two different models must never share a key.
+    limit : int, float or None
+        Per task: at most ``limit`` documents (int) or that fraction of them (float); None =
+        all. For quick runs only: lm-eval warns that such numbers are not real metrics.
+    batch_size : int, default 32
+    device : str or None
+        None evaluates on the model's own device; otherwise the model is moved there (in
+        place). With a model object, lm-eval's own ``device`` argument is ignored.
+    max_length : int or None
+        Longest sequence fed to the model; None = the model config's
+        ``max_position_embeddings`` (lm-eval's default).
+    cache_dir : path or None
+        Results are cached as JSON under ``<cache_dir>/lm_eval_results/`` (one file per task
+        or group, keyed as in :func:`task_cache_keys`), and ``datasets`` caches under
+        ``<cache_dir>/hf/``. None = no result cache and a temporary ``datasets`` cache.
+    num_fewshot : int, default 0
+    bootstrap_iters : int, default 100
+        lm-eval's bootstrap resamples for the standard errors of non-mean metrics
+        (perplexities); ``acc`` uses the closed form whenever this is > 0. 0 skips every
+        standard error.
+    offline : bool, default True
+        Run with ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` set (see the module docstring).
+    random_seed : int, default 0
+        lm-eval's python, numpy, torch and few-shot seeds.
+
+    Returns
+    -------
+    dict
+        lm-eval-shaped results: ``results`` (name → ``{"acc,none": …, "acc_stderr,none": …}``
+        for tasks and groups), ``groups``, ``group_subtasks``, ``n_samples``, ``task_info``
+        (kind, domain, split of local tasks), ``config`` (the run settings and cache keys),
+        ``cached`` and ``evaluated`` (names from the cache and names run now). Tidy it with
+        :func:`results_table`.
+    """
+    if not isinstance(model_key, str) or not model_key:
+        raise ValueError(f"model_key must be a non-empty str; got {model_key!r}")
+
+    def model_factory() -> Any:
+        if device is not None:
+            from moecollab.models import resolve_device
+
+            model.to(resolve_device(device))
+        return model.eval()
+
+    return _evaluate(model_factory, tokenizer, tasks, task_dir, model_key=model_key,
+                     limit=limit, batch_size=batch_size, max_length=max_length,
+                     cache_dir=cache_dir, num_fewshot=num_fewshot,
+                     bootstrap_iters=bootstrap_iters, offline=offline, random_seed=random_seed)
+
+
+def _pruned_copy(base_model: Any, keep_mask: np.ndarray | None,
+                 mode: Literal["remove", "mask"]) -> Any:
+    """A copy of ``base_model`` with ``keep_mask`` applied; the base model is left untouched.
+
+    ``mask`` only changes routers, so the copy shares every other parameter and buffer with
+    the base model (memory stays flat); ``remove`` slices expert tensors and copies everything.
+    """
+    from moecollab.moe_arch import find_moe_layers
+    from moecollab.pruning_apply import apply_keep_mask
+
+    if keep_mask is None or np.asarray(keep_mask).all():
+        return base_model
+    if mode == "remove":
+        return apply_keep_mask(copy.deepcopy(base_model), keep_mask, mode="remove")
+    routers = [layer.router for layer in find_moe_layers(base_model).moe_layers]
+    router_tensors = {id(tensor) for router in routers
+                      for tensor in (*router.parameters(), *router.buffers())}
+    memo: dict[int, Any] = {
+        id(tensor): tensor
+        for tensor in (*base_model.parameters(), *base_model.buffers())
+        if id(tensor) not in router_tensors
+    }
+    return apply_keep_mask(copy.deepcopy(base_model, memo), keep_mask, mode="mask")
+
+
+def evaluate_masks(
+    base_model: Any,
+    tokenizer: Any,
+    masks: Mapping[str, np.ndarray | None],
+    tasks: Sequence[str],
+    task_dir: str | os.PathLike | None,
+    *,
+    base_key: str,
+    mode: Literal["remove", "mask"] = "mask",
+    cache_dir: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Evaluate the base model pruned by each named keep-mask; one long table.
+
+    Parameters
+    ----------
+    base_model : transformers.PreTrainedModel
+        The unpruned model; never changed.
+    tokenizer : transformers tokenizer
+    masks : mapping of str to (array of bool, shape (n_moe_layers, n_experts)) or None
+        Name → keep-mask (True = keep); None is the unpruned model.
+    tasks, task_dir
+        As in :func:`evaluate`.
+    base_key : str
+        Identifier of the base model; each mask's key is ``mask_key(base_key, mask, mode)``.
+    mode : {"mask", "remove"}, default "mask"
+        ``mask`` copies only the routers (the copy shares all other weights with the base
+        model); ``remove`` deep-copies the model and slices the pruned experts away.
+    cache_dir, limit
+        As in :func:`evaluate`; a mask whose tasks are all cached is not even applied.
+    progress : bool, default True
+        A text progress bar over masks.
+    **kwargs
+        Passed on to :func:`evaluate` (``batch_size``, ``max_length``, ``num_fewshot``, …).
+
+    Returns
+    -------
+    DataFrame
+        :func:`results_table` rows of every mask, with columns ``mask`` and ``model_key``
+        first.
+    """
+    from tqdm import tqdm
+
+    if mode not in ("remove", "mask"):
+        raise ValueError(f"mode must be 'remove' or 'mask'; got {mode!r}")
+    if not masks:
+        raise ValueError("masks must name at least one keep-mask (None = unpruned); got none")
+    unknown = sorted(set(kwargs) - {"batch_size", "device", "max_length", "num_fewshot",
+                                    "bootstrap_iters", "offline", "random_seed"})
+    if unknown:
+        raise ValueError(f"unknown keyword argument(s) for evaluate: {', '.join(unknown)}")
+    device = kwargs.pop("device", None)
+    if device is not None:
+        from moecollab.models import resolve_device
+
+        base_model.to(resolve_device(device))
+    tables = []
+    for name, keep_mask in tqdm(masks.items(), desc="keep-masks", disable=not progress):
+        key = mask_key(base_key, keep_mask, mode)
+
+        def model_factory(keep_mask: np.ndarray | None = keep_mask) -> Any:
+            return _pruned_copy(base_model, keep_mask, mode).eval()
+
+        raw = _evaluate(model_factory, tokenizer, tasks, task_dir, model_key=key, limit=limit,
+                        cache_dir=cache_dir, **_evaluate_defaults(kwargs))
+        table = results_table(raw)
+        table.insert(0, "model_key", key)
+        table.insert(0, "mask", name)
+        tables.append(table)
+        gc.collect()  # the pruned copy is unreachable now
+    return pd.concat(tables, ignore_index=True)
+
+
+def _evaluate_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    defaults = {"batch_size": 32, "max_length": None, "num_fewshot": 0, "bootstrap_iters": 100,
+                "offline": True, "random_seed": 0}
+    return {**defaults, **kwargs}
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+_TABLE_COLUMNS = ["task", "kind", "domain", "split", "metric", "value", "stderr", "n_samples"]
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return float(value)
+    return math.nan  # lm-eval writes "N/A" where it has no standard error
+
+
+def results_table(raw: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per (task or group, metric) from :func:`evaluate` (or ``simple_evaluate``).
+
+    Parameters
+    ----------
+    raw : dict
+        The output of :func:`evaluate`; lm-eval's own ``simple_evaluate`` output works too
+        (without domain and split for its tasks).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``task``, ``kind`` (``"task"`` or ``"group"``), ``domain`` (``"all"`` for a
+        local group, None for lm-eval's own tasks), ``split``, ``metric`` (e.g. ``acc``; a
+        filter other than lm-eval's ``none`` is kept as ``acc,<filter>``), ``value``,
+        ``stderr`` (NaN where lm-eval gives none) and ``n_samples`` (documents evaluated;
+        NaN for groups).
+    """
+    info = raw.get("task_info", {})
+    groups = set(raw.get("groups", {})) | set(raw.get("group_subtasks", {}))
+    n_samples = raw.get("n_samples", raw.get("n-samples", {}))
+    rows = []
+    for name, metrics in raw.get("results", {}).items():
+        task_info = info.get(name, {})
+        count = n_samples.get(name, {})
+        for label, value in metrics.items():
+            if "," not in label or "_stderr," in label or label.startswith("alias"):
+                continue
+            metric, filter_name = label.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            rows.append({
+                "task": name,
+                "kind": "group" if name in groups else "task",
+                "domain": task_info.get("domain"),
+                "split": task_info.get("split"),
+                "metric": metric if filter_name == "none" else label,
+                "value": _number(value),
+                "stderr": _number(stderr),
+                "n_samples": _number(count.get("effective")) if isinstance(count, Mapping)
+                else math.nan,
+            })
+    return pd.DataFrame(rows, columns=_TABLE_COLUMNS)
+
+
+def relative_drop(table: pd.DataFrame, baseline_mask: str = "unpruned", *,
+                  value: str = "value") -> pd.DataFrame:
+    """Add ``relative_drop = (value - baseline) / baseline`` per row (the paper's Fig. 9 metric).
+
+    Parameters
+    ----------
+    table : DataFrame
+        Long results with a ``mask`` column (as from :func:`evaluate_masks`), ``task`` and
+        ``metric``; rows are matched to the baseline on every other identifying column
+        present among ``task``, ``kind``, ``domain``, ``split``, ``metric``.
+    baseline_mask : str, default "unpruned"
+        The ``mask`` value of the reference rows.
+    value : str, default "value"
+
+    Returns
+    -------
+    DataFrame
+        A copy with ``baseline`` and ``relative_drop`` columns (negative = worse than the
+        baseline for accuracies; 0 on the baseline rows; NaN where no baseline row matches or
+        the baseline is 0).
+
+    Examples
+    --------
+    >>> table = pd.DataFrame({"mask": ["unpruned", "caep"], "task": ["t", "t"],
+    ...                       "metric": ["acc", "acc"], "value": [0.5, 0.4]})
+    >>> relative_drop(table)["relative_drop"].round(3).tolist()
+    [0.0, -0.2]
+    """
+    for column in ("mask", "task", "metric", value):
+        if column not in table.columns:
+            raise ValueError(f"table lacks column {column!r}; expected the output of "
+                             "evaluate_masks")
+    if baseline_mask not in set(table["mask"]):
+        raise ValueError(f"baseline_mask {baseline_mask!r} is not in table['mask']; got "
+                         f"{sorted(map(str, set(table['mask'])))}")
+    keys = [column for column in ("task", "kind", "domain", "split", "metric")
+            if column in table.columns]
+    baseline = table.loc[table["mask"] == baseline_mask, [*keys, value]]
+    if baseline.duplicated(keys).any():
+        raise ValueError(f"the baseline rows of mask {baseline_mask!r} repeat a "
+                         f"({', '.join(keys)}) combination")
+    baseline = baseline.rename(columns={value: "baseline"})
+    # fillna on object keys: None and NaN must match each other in the merge
+    left = table.reset_index(drop=True)
+    merged = left.assign(**{f"_key_{k}": left[k].astype(object).where(left[k].notna(), "")
+                            for k in keys}).merge(
+        baseline.assign(**{f"_key_{k}": baseline[k].astype(object)
+                           .where(baseline[k].notna(), "") for k in keys}).drop(columns=keys),
+        on=[f"_key_{k}" for k in keys], how="left")
+    merged = merged.drop(columns=[f"_key_{k}" for k in keys])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        drop = (merged[value] - merged["baseline"]) / merged["baseline"]
+    merged["relative_drop"] = drop.where(merged["baseline"] != 0)
+    return merged
