@@ -140,7 +140,7 @@ def test_cli_help_lists_stages_and_parameters():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "00_model" in result.stdout
-    assert "n_experts: int = 32" in result.stdout
+    assert "n_experts: int = 16" in result.stdout
     assert "[in [2, 512]]" in result.stdout
 
 

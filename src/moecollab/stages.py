@@ -186,6 +186,19 @@ STAGES: tuple[Stage, ...] = (
             "domain_prune_ratio": FRACTION_OPEN,
         },
     ),
+    Stage(
+        "06_evaluation",
+        "Does CAEP prune better?",
+        needs=("00_model", "05_pruning"),
+        checks={
+            "limit": POSITIVE,
+            "mcq_splits": Check(choices=("train", "validation", "test"), each=True),
+            "n_perplexity_entries": POSITIVE,
+            "n_random_evaluated": POSITIVE,
+            "mode": Check(choices=("mask", "remove")),
+            "batch_size": POSITIVE,
+        },
+    ),
 )
 
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
