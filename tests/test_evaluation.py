@@ -6,6 +6,7 @@ few sentences; 3 domains × 2 splits × 4 four-choice items. Everything offline,
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -435,3 +436,28 @@ def test_figures():
     assert isinstance(bars, Figure)
     for figure in (curve, heatmap, bars):
         plt.close(figure)
+
+
+def test_an_exported_uniform_checkpoint_runs_through_lm_eval_from_its_folder(
+        model, tokenizer, task_dir, tmp_path):
+    # What a user of the exported checkpoint does: stock from_pretrained via lm-eval's "hf"
+    # model with pretrained=<folder>, no moecollab code in the loop.
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from moecollab.pruning import apply_keep_mask, save_pruned
+
+    keep = np.ones((3, 8), dtype=bool)
+    keep[:, [1, 6]] = False  # six experts in every layer
+    pruned = apply_keep_mask(copy.deepcopy(model), keep, mode="remove")
+    folder = save_pruned(pruned, tmp_path / "pruned", method="test", prune_ratio=0.25,
+                         calibration={}, tokenizer=tokenizer)
+    with evaluation._hf_environment(tmp_path / "cache", offline=True):
+        raw = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
+            tasks=["moecollab_mcq_law_test"], limit=3, bootstrap_iters=0,
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+    from_folder = raw["results"]["moecollab_mcq_law_test"]["acc,none"]
+    in_memory = evaluation.evaluate(pruned, tokenizer, ["moecollab_mcq_law_test"], task_dir,
+                                    model_key="pruned-in-memory", limit=3, bootstrap_iters=0)
+    assert from_folder == in_memory["results"]["moecollab_mcq_law_test"]["acc,none"]
