@@ -14,6 +14,8 @@ from moecollab.stages import STAGES, Check
 
 CELL = '''\
 profile: str = "default"   # set by the runner
+artifacts_root: str = "artifacts"  # set by the runner
+output_dir: str = ""       # set by the runner
 n_layers: int = 4          # decoder layers
 lr: float = 0.003          # peak learning rate
 domains: list[str] = ["law", "biology"]  # fields
@@ -68,6 +70,9 @@ def test_defaults_survive_and_overrides_apply_in_order():
     ({}, [("top_k", 9)], "'top_k' of stage 00_model must be <= n_experts"),
     ({}, [("99_nothing.n_layers", 2)], "unknown stage '99_nothing'"),
     ({}, [("profile", "x")], "unknown parameter 'profile'"),
+    # Where a stage writes is the runner's to decide: a profile cannot redirect it.
+    ({}, [("output_dir", "/etc")], "unknown parameter 'output_dir'"),
+    ({"artifacts_root": "/tmp/elsewhere"}, [], "unknown parameter 'artifacts_root'"),
     ({"00_model": {"lrr": 1}}, [], "unknown parameter 'lrr' for stage 00_model .*'lr'"),
 ])
 def test_bad_parameters_fail_with_one_clear_line(settings, overrides, message):

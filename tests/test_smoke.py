@@ -61,3 +61,15 @@ def test_stage_00_loads_and_checks_a_pretrained_checkpoint(smoke_artifacts, tmp_
     trained = artifacts.read_json(smoke_artifacts / "smoke" / "00_model" / "routing_health.json")
     loaded = artifacts.read_json(folder / "routing_health.json")
     assert loaded["trained"] == trained["trained"]  # the same model gives the same routing
+
+
+def test_a_second_run_from_scratch_gives_identical_outputs(smoke_artifacts, tmp_path):
+    # Same profile, same seeds, a fresh artifacts folder (and so a fresh evaluation cache):
+    # every table, mask, checkpoint and figure must come out byte for byte the same.
+    runner.run(runner.make_plan("smoke", artifacts_root=tmp_path))
+    for stage in STAGE_NAMES:
+        first = artifacts.verify_stage(smoke_artifacts / "smoke" / stage).outputs
+        second = artifacts.verify_stage(tmp_path / "smoke" / stage).outputs
+        differing = sorted(name for name in first if first[name] != second.get(name))
+        assert not differing, f"{stage}: {differing}"
+        assert first.keys() == second.keys()
