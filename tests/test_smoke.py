@@ -48,6 +48,8 @@ def test_the_book_builds_without_warnings(smoke_artifacts, tmp_path):
     chapter = (tmp_path / "_build" / "html" / "book" / "notebooks" / "00_model.html").read_text()
     assert "The reference model" in chapter
     assert "Verdict" in chapter
+    downloads = (tmp_path / "_build" / "html" / "book" / "downloads.html").read_text()
+    assert "table_1.csv" in downloads and "_downloads" in downloads
 
 
 def test_stage_00_loads_and_checks_a_pretrained_checkpoint(smoke_artifacts, tmp_path):

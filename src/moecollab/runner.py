@@ -281,6 +281,7 @@ def build_book(profile: str = "default", root: Path | None = None,
                               f"the stage before building the book")
         shutil.copyfile(source, chapters / source.name)
     # Jupyter Book 1's command sits beside this Python (never `jupyter book`, which is JB2's).
+    write_downloads_page(root, (artifacts_root or root / "artifacts") / name)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--all",
                "-q"]
     if strict:
@@ -290,6 +291,29 @@ def build_book(profile: str = "default", root: Path | None = None,
     if subprocess.run(command, cwd=root).returncode != 0:
         raise StageFailed("the book build failed (see the warnings above)")
     return (output_dir or root) / "_build" / "html" / "index.html"
+
+
+GENERATED_PAGES = ("book/downloads",)  # written by build_book, listed in _toc.yml
+
+
+def write_downloads_page(root: Path, profile_folder: Path) -> Path:
+    """Copy every stage's CSV tables next to the book and list them on a downloads page."""
+    data_folder = root / "book" / "data"
+    if data_folder.exists():
+        shutil.rmtree(data_folder)
+    lines = ["# Download the tables", "",
+             "Every table the chapters show, as CSV files written by the stages of this run.",
+             "", "| stage | table |", "|---|---|"]
+    for stage in STAGES:
+        for table in sorted((profile_folder / stage.name).glob("*.csv")):
+            target = data_folder / stage.name / table.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(table, target)
+            lines.append(f"| {stage.name} | {{download}}`{table.name} "
+                         f"<data/{stage.name}/{table.name}>` |")
+    page = root / "book" / "downloads.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
 
 
 # ---------------------------------------------------------------------------------------- CLI
