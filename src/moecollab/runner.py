@@ -241,6 +241,9 @@ def _describe_failure(stage: Stage, error, executed: Path) -> str:
 
 def ensure_kernel() -> str:
     """A kernelspec pinned to this Python, so papermill never picks up a stale user kernel."""
+    # Look in this environment's share/jupyter before the user's, so a kernel of the same name
+    # left by another checkout cannot take over.
+    os.environ["JUPYTER_PREFER_ENV_PATH"] = "1"
     from jupyter_client.kernelspec import KernelSpecManager
 
     specs = KernelSpecManager().get_all_specs()
