@@ -31,31 +31,19 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers import OlmoeForCausalLM
 
 from moecollab.capture import capture_routing
+from moecollab.models import build_model as build_embedded_model
+from moecollab.models import embedded_config
 
 
 def build_model(hidden_size: int, vocab_size: int, seed: int) -> OlmoeForCausalLM:
-    config = OlmoeConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 3 // 4,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        num_experts=16,
-        num_experts_per_tok=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = OlmoeForCausalLM(config)
-    return model.eval()
+    """The embedded model's architecture (4 layers, 16 experts, top-2), randomly initialised."""
+    config = embedded_config(vocab_size=vocab_size, n_layers=4, hidden_size=hidden_size,
+                             n_heads=8, n_experts=16, top_k=2,
+                             expert_size=hidden_size * 3 // 4, seq_len=1024)
+    return build_embedded_model(config, seed=seed).eval()
 
 
 def build_batches(

@@ -22,31 +22,18 @@ import statistics
 import time
 
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers import OlmoeForCausalLM
 
+from moecollab.models import build_model as build_embedded_model
+from moecollab.models import embedded_config
 from moecollab.pruning import SCORE_METHODS, apply_keep_mask, expert_scores, random_keep_mask
 
 
 def build_model(n_experts: int, top_k: int, seed: int = 0) -> OlmoeForCausalLM:
-    config = OlmoeConfig(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_experts=n_experts,
-        num_experts_per_tok=top_k,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = OlmoeForCausalLM(config)
-    return model.eval()
+    """The embedded model's architecture with ``n_experts`` per layer, randomly initialised."""
+    config = embedded_config(vocab_size=8192, n_layers=4, hidden_size=256, n_heads=4,
+                             n_experts=n_experts, top_k=top_k, expert_size=256, seq_len=1024)
+    return build_embedded_model(config, seed=seed).eval()
 
 
 def forward_all(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:

@@ -302,7 +302,8 @@ def caep_from_hsdl(
     min_per_layer : int
         Floor per layer (the model's ``top_k``; 0 = Algorithm 1 as written).
     level : int, default=1
-        Dictionary level (1 = ``D_1, R_1`` as in the paper; 2 = the coarser level).
+        Dictionary level (1 = ``D_1, R_1`` as in the paper; 2 = the level-1 atoms' building
+        blocks).
 
     Returns
     -------
