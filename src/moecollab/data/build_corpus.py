@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import re
 import string
 import subprocess
@@ -40,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from moecollab.artifacts import atomic_path
 from moecollab.data.corpus import (
     CORPUS_FILENAME,
     DATA_DIR,
@@ -811,10 +811,8 @@ def cap_general_rows(
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(payload)
 
 
 def locate_sources() -> dict[str, dict[str, Path]]:
