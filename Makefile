@@ -9,7 +9,10 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: help install study smoke test book lint bench clean
+.PHONY: help install study smoke test book pdf lint bench clean
+TEX_PACKAGES := texlive-xetex latexmk texlive-latex-extra texlive-fonts-recommended \
+                fonts-freefont-otf texlive-plain-generic poppler-utils
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## */\t/'
@@ -38,11 +41,16 @@ test: $(STAMP)  ## ruff, then the test suite (includes the smoke profile and a s
 book: $(STAMP)  ## rebuild the book from PROFILE's executed notebooks
 	$(PY) -m moecollab book --profile $(PROFILE)
 
+pdf: $(STAMP)  ## the book as a PDF handout, _build/latex/moecollab.pdf (installs TeX if missing)
+	@command -v xelatex >/dev/null && command -v latexmk >/dev/null || \
+	  $(SUDO) apt-get install -y --no-install-recommends $(TEX_PACKAGES)
+	$(PY) -m moecollab book --profile $(PROFILE) --pdf
+
 lint: $(STAMP)  ## ruff only
 	$(PY) -m ruff check src tests benchmarks
 
-bench: $(STAMP)  ## benchmarks that print ratios measured side by side
-	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+bench: $(STAMP)  ## benchmarks that print ratios side by side; records them for the book's appendix
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script --record || exit 1; done
 
 clean:  ## remove the book build (artifacts and .venv are kept)
 	rm -rf _build book/notebooks

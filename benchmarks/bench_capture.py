@@ -31,6 +31,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
+from _record import record
 from transformers import OlmoeForCausalLM
 
 from moecollab.capture import capture_routing
@@ -78,6 +79,8 @@ def main() -> None:
         default=1,
         help="torch CPU threads (default 1: steadier timings on a shared machine)",
     )
+    parser.add_argument("--record", action="store_true",
+                        help="save the headline numbers for the book (benchmarks/results/)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -99,7 +102,11 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory(prefix="bench_capture_") as tmp:
-        run_benchmark(model, batches, n_tokens, repeats, Path(tmp), quick=args.quick)
+        rows = run_benchmark(model, batches, n_tokens, repeats, Path(tmp), quick=args.quick)
+    if args.record:
+        record("capture", "Routing capture vs the same forward pass; sparse trace vs dense",
+               rows, settings=f"OLMoE 4 layers x 16 experts, top-2, hidden {hidden_size}; "
+                              f"{n_tokens} tokens; median of {repeats} alternated repeats")
 
 
 def run_benchmark(
@@ -110,7 +117,7 @@ def run_benchmark(
     workdir: Path,
     *,
     quick: bool,
-) -> None:
+) -> list[dict[str, str]]:
     def forward(**kwargs) -> None:
         with torch.inference_mode():
             for batch in batches:
@@ -174,6 +181,18 @@ def run_benchmark(
         f"(x{dense_bytes / sparse_bytes:.1f}); on disk (streamed): {disk_bytes / 1e6:.2f} MB"
     )
 
+    rows = [
+        {"measure": "capture time / forward time (same forward, logits_to_keep=1)",
+         "value": f"{median['capture'] / median['forward_last_logit']:.3f}",
+         "target": "<= 1.05"},
+        {"measure": "streamed capture time / forward time",
+         "value": f"{median['capture_streamed'] / median['forward_last_logit']:.3f}",
+         "target": "<= 1.05"},
+        {"measure": "capture time / full forward time (with logits)",
+         "value": f"{median['capture'] / median['forward']:.3f}", "target": ""},
+        {"measure": "dense float32 matrix size / sparse trace size",
+         "value": f"{dense_bytes / sparse_bytes:.1f}", "target": "> 1"},
+    ]
     if not quick:
         peaks = {}
         for name, run in (("capture", modes["capture"]), ("capture_streamed", capture_streamed)):
@@ -186,6 +205,7 @@ def run_benchmark(
             + ", ".join(f"{name} {peak / 1e6:.2f} MB" for name, peak in peaks.items())
             + f"; one batch of ids+weights is {sparse_bytes / len(batches) / 1e6:.2f} MB"
         )
+    return rows
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+from _record import record
 from transformers import OlmoeForCausalLM
 
 from moecollab.models import build_model as build_embedded_model
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--prune-ratio", type=float, default=0.5)
+    parser.add_argument("--record", action="store_true",
+                        help="save the headline numbers for the book (benchmarks/results/)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_experts, top_k = 32, 2
@@ -105,6 +108,25 @@ def main() -> None:
         count_text = f"{count:>12,}{count / parameters['unpruned']:>8.3f}" if count else " " * 20
         print(f"{name:<18}{count_text}{median[name]:>10.3f}{n_tokens / median[name]:>10,.0f}"
               f"{median[name] / base_time:>8.2f}")
+    if args.record:
+        rows = [
+            {"measure": "parameters after removal / before",
+             "value": f"{parameters['removed'] / parameters['unpruned']:.3f}",
+             "target": "< 1 (only expert weights go)"},
+            {"measure": "parameters with masking / before",
+             "value": f"{parameters['masked'] / parameters['unpruned']:.3f}", "target": "1"},
+            {"measure": "forward time removed / unpruned",
+             "value": f"{median['removed'] / base_time:.2f}", "target": "<= 1"},
+            {"measure": "forward time masked / unpruned",
+             "value": f"{median['masked'] / base_time:.2f}", "target": ""},
+            {"measure": "max |logits(removed) - logits(masked)|",
+             "value": f"{difference:.1e}", "target": "~0 (same model)"},
+            {"measure": "all four scores in one pass / plain forward",
+             "value": f"{median['scores_all_four'] / base_time:.2f}", "target": ""},
+        ]
+        record("pruning", f"Physical removal vs masking at {args.prune_ratio:.0%} pruned",
+               rows, settings=f"OLMoE 4 layers x {n_experts} experts, top-{top_k}, hidden 256; "
+                              f"{n_tokens} tokens; median of {repeats} alternated repeats")
 
 
 if __name__ == "__main__":

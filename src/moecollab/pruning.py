@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecollab.budget import n_kept
 from moecollab.moe_arch import find_moe_layers
 from moecollab.pruning_apply import (
     apply_keep_mask,
@@ -73,30 +74,6 @@ _TRACE_METHODS: tuple[str, ...] = ("frequency", "seer")
 # --------------------------------------------------------------------------------------------
 # Budget and argument checks
 # --------------------------------------------------------------------------------------------
-
-
-def _check_ratio(name: str, value: float, *, upper_open: bool = True) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
-    value = float(value)
-    if not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
-        interval = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{name} must be in {interval}; got {value!r}")
-    return value
-
-
-def n_kept(n_experts: int, prune_ratio: float) -> int:
-    """Experts kept out of ``n_experts`` at ``prune_ratio``: ``floor((1 - prune_ratio) n)``.
-
-    A tolerance of 1e-9 absorbs float error (``(1 - 0.3) * 10`` is 7, not 6).
-
-    Examples
-    --------
-    >>> n_kept(64, 0.25), n_kept(6, 0.25), n_kept(10, 0.3)
-    (48, 4, 7)
-    """
-    prune_ratio = _check_ratio("prune_ratio", prune_ratio)
-    return int(math.floor((1.0 - prune_ratio) * n_experts + 1e-9))
 
 
 def _check_min_per_layer(min_per_layer: int, n_experts: int) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import artifacts
+from . import appendix, artifacts, preflight
 from .params import (
     ParameterError,
     find_profile,
@@ -121,6 +121,7 @@ def make_plan(profile: str = "default", overrides: list[str] | None = None,
     settings = load_profile(find_profile(profile, root))
     declared = {stage.name: stage_parameters(stage, root) for stage in STAGES}
     parameters = resolve(settings, [parse_override(text) for text in overrides or []], declared)
+    preflight.check_plan(parameters)
     if only:
         selected = [stage for stage in STAGES if stage.name == only]
     elif from_stage:
@@ -259,10 +260,12 @@ def ensure_kernel() -> str:
 
 def build_book(profile: str = "default", root: Path | None = None,
                artifacts_root: Path | None = None, strict: bool = True,
-               output_dir: Path | None = None) -> Path:
-    """Copy a profile's executed notebooks into ``book/notebooks`` and build the HTML book.
+               output_dir: Path | None = None, pdf: bool = False) -> Path:
+    """Copy a profile's executed notebooks into ``book/notebooks`` and build the book.
 
-    The build renders papermill's outputs as they are (``execute_notebooks: "off"``).
+    The build renders papermill's outputs as they are (``execute_notebooks: "off"``). With
+    ``pdf`` it runs Jupyter Book's LaTeX builder through XeLaTeX (TeX must be installed: ``make
+    pdf`` installs it) and returns the PDF's path; otherwise the HTML index's.
     """
     import nbformat
 
@@ -285,18 +288,28 @@ def build_book(profile: str = "default", root: Path | None = None,
         shutil.copyfile(source, chapters / source.name)
     # Jupyter Book 1's command sits beside this Python (never `jupyter book`, which is JB2's).
     write_downloads_page(root, (artifacts_root or root / "artifacts") / name)
+    appendix.write_appendix_parts(root, (artifacts_root or root / "artifacts") / name)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--all",
                "-q"]
+    if pdf:
+        missing = [tool for tool in ("xelatex", "latexmk") if shutil.which(tool) is None]
+        if missing:
+            raise StageFailed(f"the PDF needs TeX ({', '.join(missing)} not found); run "
+                              "`make pdf`, which installs it from Debian packages")
+        command += ["--builder", "pdflatex"]
     if strict:
         command += ["-W", "--keep-going"]
     if output_dir is not None:
         command += ["--path-output", str(output_dir)]
     if subprocess.run(command, cwd=root).returncode != 0:
         raise StageFailed("the book build failed (see the warnings above)")
+    if pdf:
+        return (output_dir or root) / "_build" / "latex" / "moecollab.pdf"
     return (output_dir or root) / "_build" / "html" / "index.html"
 
 
 GENERATED_PAGES = ("book/downloads",)  # written by build_book, listed in _toc.yml
+# book/generated/ holds the parts that book/appendix.md includes (moecollab.appendix).
 
 
 def write_downloads_page(root: Path, profile_folder: Path) -> Path:
@@ -363,6 +376,8 @@ def build_parser(root: Path) -> argparse.ArgumentParser:
     book_parser.add_argument("--profile", default="default")
     book_parser.add_argument("--no-strict", dest="strict", action="store_false",
                              help="do not turn Sphinx warnings into errors")
+    book_parser.add_argument("--pdf", action="store_true",
+                             help="build a PDF through LaTeX instead of HTML (needs TeX)")
     return parser
 
 
@@ -383,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             run(plan)
             logger.info("artifacts in %s", plan.artifacts_root / plan.profile)
         else:
-            index = build_book(args.profile, root=root, strict=args.strict)
+            index = build_book(args.profile, root=root, strict=args.strict, pdf=args.pdf)
             logger.info("book: %s", index)
     except (ParameterError, artifacts.ArtifactError, StageFailed) as error:
         print(f"error: {error}", file=sys.stderr)
