@@ -74,6 +74,15 @@ CLI_CASES = [
     ("model without a router", lambda tmp: ["-p", f"model={dense_checkpoint(tmp)}"],
      "error: model '{tmp}/dense' has model_type 'llama', which has no router moecollab can "
      "read; supported: olmoe"),
+    ("unknown dtype", ["-p", "dtype=bf16"],
+     "error: parameter 'dtype' of stage 00_model must be one of 'auto', 'float32', 'bfloat16'"),
+    ("unknown device_map", ["-p", "device_map=gpus"],
+     "error: parameter 'device_map' of stage 00_model must be one of '', 'auto'"),
+    ("tasks without the corpus tasks", ["-p", "tasks=[paper]"],
+     "error: parameter 'tasks' of stage 06_evaluation must include 'local'"),
+    ("vllm without exported checkpoints", ["-p", "backend=vllm"],
+     "error: parameter 'backend' of stage 06_evaluation: vllm evaluates the checkpoints stage "
+     "05_pruning exports, and export is off"),
     ("--only a missing stage", ["--only", "07_report"], "error: --only '07_report' is not a stage"),
 ]
 

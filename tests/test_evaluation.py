@@ -461,3 +461,116 @@ def test_an_exported_uniform_checkpoint_runs_through_lm_eval_from_its_folder(
     in_memory = evaluation.evaluate(pruned, tokenizer, ["moecollab_mcq_law_test"], task_dir,
                                     model_key="pruned-in-memory", limit=3, bootstrap_iters=0)
     assert from_folder == in_memory["results"]["moecollab_mcq_law_test"]["acc,none"]
+
+
+# --------------------------------------------------------------------------------------------
+# Standard tasks in the evaluation stage, and checkpoints on disk (vLLM / hf model types)
+# --------------------------------------------------------------------------------------------
+
+
+def test_standard_tasks_of_a_stage_tasks_list():
+    assert evaluation.standard_tasks_of(["local"]) == []
+    assert evaluation.standard_tasks_of(["local", "paper", "rte"]) == list(evaluation.PAPER_TASKS)
+    for bad in (["paper"], "local"):
+        with pytest.raises(ValueError) as error:
+            evaluation.standard_tasks_of(bad)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="tasks must include 'local'"):
+        evaluation.standard_tasks_of(["paper"])
+
+
+def test_check_backend_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    assert evaluation.check_backend("hf") == "hf"
+    with pytest.raises(ValueError, match="backend must be one of hf, vllm; got 'tgi'"):
+        evaluation.check_backend("tgi")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "vllm" else real_find_spec(name))
+    with pytest.raises(ValueError, match=r"needs the vllm package, which is not installed "
+                                         r"here: pip install 'lm_eval\[vllm\]'") as error:
+        evaluation.check_backend("vllm")
+    assert "\n" not in str(error.value)
+
+
+def test_hub_offline_reads_both_switches(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    assert not evaluation.hub_offline()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert evaluation.hub_offline()
+
+
+def test_paper_tasks_offline_fail_early_in_one_line(tmp_path):
+    evaluation.check_standard_tasks([], cache_dir=tmp_path, offline=True)  # nothing to check
+    with pytest.raises(ValueError, match="lm-eval knows no task, group or tag named "
+                                         "no_such_task_xyz") as unknown:
+        evaluation.check_standard_tasks(["rte", "no_such_task_xyz"], cache_dir=tmp_path,
+                                        offline=True)
+    with pytest.raises(ValueError, match=r"the standard tasks arc_challenge, rte need their "
+                                         r"datasets from the hub; the hub is offline here") \
+            as offline:
+        evaluation.check_standard_tasks(["arc_challenge", "rte"], cache_dir=tmp_path,
+                                        offline=True)
+    for error in (unknown, offline):
+        assert "\n" not in str(error.value)
+
+
+def test_standard_table_uses_normalised_accuracy_where_the_task_has_it():
+    rows = []
+    for mask, values in {"unpruned": (0.5, 0.6, 0.7), "caep@0.25": (0.4, 0.5, 0.6),
+                         "random-s0@0.25": (0.2, 0.3, 0.4),
+                         "random-s1@0.25": (0.4, 0.5, 0.6)}.items():
+        acc, acc_norm, winogrande = values
+        rows += [{"mask": mask, "task": "arc_challenge", "kind": "task", "metric": "acc",
+                  "value": acc},
+                 {"mask": mask, "task": "arc_challenge", "kind": "task", "metric": "acc_norm",
+                  "value": acc_norm},
+                 {"mask": mask, "task": "winogrande", "kind": "task", "metric": "acc",
+                  "value": winogrande}]
+    table = evaluation.standard_table(evaluation.add_method_columns(pd.DataFrame(rows)))
+    assert list(table.columns) == ["arc_challenge", "winogrande", "average"]
+    assert table.loc[("unpruned", 0.0), "arc_challenge"] == pytest.approx(0.6)
+    assert table.loc[("random", 0.25), "winogrande"] == pytest.approx(0.5)  # mean of seeds
+    assert table.loc[("caep", 0.25), "average"] == pytest.approx(0.55)
+
+
+def test_exported_checkpoints_run_in_a_child_process_like_in_memory(model, tokenizer, task_dir,
+                                                                   tmp_path, monkeypatch):
+    # The vLLM backend's path (lm-eval's model type on each exported folder, one child process
+    # each), run here with the "hf" model type: the numbers must equal the in-memory ones.
+    from moecollab.pruning import apply_keep_mask, save_pruned
+
+    uniform = np.ones((3, 8), dtype=bool)
+    uniform[:, [1, 6]] = False
+    uneven = uniform.copy()
+    uneven[0, 2] = False
+    for name, keep in (("caep", uniform), ("reap", uneven)):
+        pruned = apply_keep_mask(copy.deepcopy(model), keep, mode="remove")
+        save_pruned(pruned, tmp_path / "05" / f"checkpoint-{name}-0.25", method=name,
+                    prune_ratio=0.25, calibration={}, tokenizer=tokenizer)
+    exported = evaluation.exported_checkpoints(tmp_path / "05")
+    assert exported["mask"].tolist() == ["caep@0.25", "reap@0.25"]
+    assert exported["uniform"].tolist() == [True, False]
+    row = exported.iloc[0]
+    tasks = ["moecollab_mcq_law_test"]
+    results = evaluation.evaluate_checkpoints(
+        {row["mask"]: (row["path"], row["key"])}, tasks, task_dir, backend="hf",
+        dtype="float32", device="cpu", batch_size=8, cache_dir=tmp_path / "cache", limit=3,
+        bootstrap_iters=0, progress=False)
+    assert results["mask"].unique().tolist() == ["caep@0.25"]
+    assert results["model_key"].iloc[0] == f"{row['key']}|hf"
+    pruned = apply_keep_mask(copy.deepcopy(model), uniform, mode="remove")
+    in_memory = evaluation.evaluate(pruned, tokenizer, tasks, task_dir, model_key="in-memory",
+                                    limit=3, bootstrap_iters=0)
+    acc = results.set_index("metric").loc["acc", "value"]
+    assert acc == in_memory["results"]["moecollab_mcq_law_test"]["acc,none"]
+    # Cached: a second call starts no child process.
+    monkeypatch.setattr(evaluation, "_run_in_child",
+                        lambda spec: pytest.fail("evaluated again despite the cache"))
+    again = evaluation.evaluate_checkpoints(
+        {row["mask"]: (row["path"], row["key"])}, tasks, task_dir, backend="hf",
+        dtype="float32", device="cpu", batch_size=8, cache_dir=tmp_path / "cache", limit=3,
+        bootstrap_iters=0, progress=False)
+    pd.testing.assert_frame_equal(results, again)

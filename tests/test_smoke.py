@@ -1,10 +1,13 @@
 """The smoke profile end to end through the real runner, then a strict book build."""
 
+import shutil
+import subprocess
+
 import nbformat
 import pytest
 
 from moecollab import artifacts, runner
-from moecollab.stages import STAGE_NAMES
+from moecollab.stages import STAGE_NAMES, STAGES
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,32 @@ def test_the_book_builds_without_warnings(smoke_artifacts, tmp_path):
     assert "Verdict" in chapter
     downloads = (tmp_path / "_build" / "html" / "book" / "downloads.html").read_text()
     assert "table_1.csv" in downloads and "_downloads" in downloads
+
+
+def test_the_latex_source_holds_every_chapter(smoke_artifacts, tmp_path):
+    tex = runner.build_book("smoke", artifacts_root=smoke_artifacts, strict=True,
+                            output_dir=tmp_path, builder="latex")
+    source = tex.read_text()
+    for stage in STAGES:
+        assert stage.title.split(":")[0] in source, stage.name
+    assert "Appendix: performance, scale and the record of this run" in source
+    assert (tex.parent / "bbm.sty").is_file()  # the stub that spares texlive-fonts-extra
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("xelatex") is None or shutil.which("pdftotext") is None,
+                    reason="needs TeX and poppler-utils: make pdf installs them")
+def test_the_pdf_handout_opens_with_every_chapter(smoke_artifacts, tmp_path):
+    pdf = runner.build_book("smoke", artifacts_root=smoke_artifacts, strict=True,
+                            output_dir=tmp_path, builder="pdf")
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True)
+    pages = int(next(line.split()[-1] for line in info.stdout.splitlines()
+                     if line.startswith("Pages:")))
+    assert pages >= 20
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True,
+                          check=True).stdout
+    for stage in STAGES:
+        assert stage.title.split(":")[0] in text, stage.name
 
 
 def test_stage_00_loads_and_checks_a_pretrained_checkpoint(smoke_artifacts, tmp_path):

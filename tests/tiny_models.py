@@ -234,3 +234,101 @@ def padded_batch(
 def tiny_moe_model(request) -> PreTrainedModel:
     """Parametrised fixture: one tiny model per family in :data:`FAMILIES`."""
     return tiny_model(request.param)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny checkpoints on disk, standing in for real ones (tests/test_real_profiles.py)
+# --------------------------------------------------------------------------------------------
+
+#: Special tokens of :func:`corpus_tokenizer` (those of ``moecollab.models.train_tokenizer``).
+TOKENIZER_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+
+_TOKENIZER_CACHE: dict[int, Any] = {}
+
+# Custom code written beside a checkpoint for the trust_remote_code path: classes that are not
+# part of transformers (another name, another module), built on a native family so that
+# moecollab can read their routers.
+_CUSTOM_CONFIG = '''\
+from transformers import {base}Config
+
+
+class {name}Config({base}Config):
+    """A custom-code config (test stand-in); model_type stays {model_type!r}."""
+'''
+_CUSTOM_MODEL = '''\
+from transformers import {base}ForCausalLM
+
+from .configuration_{module} import {name}Config
+
+
+class {name}ForCausalLM({base}ForCausalLM):
+    """A custom-code causal LM (test stand-in)."""
+
+    config_class = {name}Config
+'''
+
+
+def corpus_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens, trained on corpus text.
+
+    The same recipe as the embedded model's (``<|endoftext|>`` = 0 for BOS/EOS, ``<|pad|>`` =
+    1), so a tiny model with :data:`TOKENIZER_IDS` and this vocabulary reads the corpus.
+    """
+    if vocab_size not in _TOKENIZER_CACHE:
+        from moecollab import data, models
+
+        corpus = data.load_corpus()
+        texts = corpus.groupby("domain").head(300)["text"].tolist()
+        tokenizer = models.train_tokenizer(texts, vocab_size=vocab_size)
+        assert len(tokenizer) == vocab_size, len(tokenizer)
+        _TOKENIZER_CACHE[vocab_size] = tokenizer
+    return _TOKENIZER_CACHE[vocab_size]
+
+
+def save_tiny_checkpoint(family: str, folder, *, seed: int = 0, custom_code: str | None = None,
+                         dtype: torch.dtype = torch.float32, **overrides: Any):
+    """Save a tiny random model of ``family`` with a corpus tokenizer, like a hub checkpoint.
+
+    Parameters
+    ----------
+    family : str
+        A ``config.model_type`` of :data:`FAMILIES` or :data:`EXTRA_FAMILIES`.
+    folder : path
+        Written with ``config.json``, ``model.safetensors`` and the tokenizer files.
+    seed : int
+    custom_code : str or None
+        A class-name stem (e.g. ``"TinyDeepseek"``): the checkpoint then names custom classes
+        ``<stem>Config`` / ``<stem>ForCausalLM`` in ``auto_map``, with their code beside the
+        weights, so it loads only with ``trust_remote_code=True``.
+    dtype : torch.dtype
+        Dtype of the saved weights (``config.dtype``).
+    **overrides
+        Config keys, see :func:`tiny_config`.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    import json
+    from pathlib import Path
+
+    settings = {**TOKENIZER_IDS, "max_position_embeddings": 512, **overrides}
+    model = tiny_model(family, seed=seed, **settings).to(dtype)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    corpus_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    if custom_code is not None:
+        base = type(model).__name__.removesuffix("ForCausalLM")
+        module = custom_code.lower()
+        fields = {"base": base, "name": custom_code, "module": module, "model_type": family}
+        (folder / f"configuration_{module}.py").write_text(_CUSTOM_CONFIG.format(**fields))
+        (folder / f"modeling_{module}.py").write_text(_CUSTOM_MODEL.format(**fields))
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = [f"{custom_code}ForCausalLM"]
+        config["auto_map"] = {
+            "AutoConfig": f"configuration_{module}.{custom_code}Config",
+            "AutoModelForCausalLM": f"modeling_{module}.{custom_code}ForCausalLM",
+        }
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -49,13 +50,23 @@ __all__ = [
     "MCQ_METRICS",
     "PAPER_TASKS",
     "PERPLEXITY_METRICS",
+    "BACKENDS",
+    "LOCAL_TASKS",
+    "add_method_columns",
+    "check_backend",
+    "check_standard_tasks",
     "check_tasks_resolve",
     "evaluate",
+    "evaluate_checkpoints",
     "evaluate_masks",
+    "exported_checkpoints",
+    "hub_offline",
     "mask_key",
     "relative_drop",
     "results_table",
+    "standard_table",
     "standard_task_names",
+    "standard_tasks_of",
     "task_cache_keys",
     "write_mcq_tasks",
     "write_perplexity_tasks",
@@ -74,6 +85,11 @@ TASK_ALIASES: dict[str, tuple[str, ...]] = {
     "paper": PAPER_TASKS,
     "paper_v2": PAPER_TASKS[:5],
 }
+
+#: The entry of a ``tasks`` list that stands for this study's own corpus tasks.
+LOCAL_TASKS = "local"
+#: lm-eval model types for standard tasks: ``hf`` (in memory, any mask) or ``vllm``.
+BACKENDS: tuple[str, ...] = ("hf", "vllm")
 
 MCQ_PROMPT = "{{question}}\nAnswer:"
 # Bumped whenever the layout of a cache entry changes.
@@ -440,6 +456,121 @@ def check_tasks_resolve(
     return [name for name in names if name not in known]
 
 
+def standard_tasks_of(tasks: Sequence[str]) -> list[str]:
+    """The standard lm-eval tasks in an evaluation ``tasks`` list (``local`` must be in it).
+
+    Parameters
+    ----------
+    tasks : sequence of str
+        :data:`LOCAL_TASKS` (``"local"``: this study's corpus tasks, which every table of the
+        evaluation chapter is built from) plus lm-eval task, group or tag names and the aliases
+        of :func:`standard_task_names`.
+
+    Returns
+    -------
+    list of str
+        The standard names, aliases expanded, in order; empty for ``["local"]``.
+
+    Examples
+    --------
+    >>> standard_tasks_of(["local", "paper_v2"])
+    ['arc_challenge', 'hellaswag', 'winogrande', 'rte', 'openbookqa']
+    """
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise ValueError(f"tasks must be a list of task names; got {tasks!r}")
+    if LOCAL_TASKS not in tasks:
+        raise ValueError(f"tasks must include {LOCAL_TASKS!r} (the chapter's tables are built from "
+                         f"the corpus tasks); got {list(tasks)!r}, e.g. [local, paper]")
+    return standard_task_names([name for name in tasks if name != LOCAL_TASKS])
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (to 1, ON, YES or TRUE)."""
+    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def check_backend(backend: str) -> str:
+    """``backend`` if lm-eval can run it here; one clear line otherwise (vLLM not installed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("backend 'vllm' needs the vllm package, which is not installed here: "
+                         "pip install 'lm_eval[vllm]' (Linux with a CUDA GPU), or use backend hf")
+    return backend
+
+
+def check_standard_tasks(names: Sequence[str], *, cache_dir: str | os.PathLike | None = None,
+                         offline: bool | None = None) -> None:
+    """Check before any heavy work that lm-eval knows ``names`` and can load their datasets.
+
+    Unknown names and datasets that cannot be loaded (the hub offline and the data not cached,
+    say) each raise a ``ValueError`` of one line. With the hub reachable this downloads the
+    datasets into ``<cache_dir>/hf``, where :func:`evaluate` finds them.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Standard task names (aliases expanded, see :func:`standard_tasks_of`); empty: no check.
+    cache_dir : path, optional
+        As in :func:`evaluate`.
+    offline : bool, optional
+        Default: :func:`hub_offline`.
+    """
+    names = list(names)
+    if not names:
+        return
+    offline = hub_offline() if offline is None else offline
+    with _hf_environment(cache_dir, offline=offline):
+        from lm_eval.tasks import TaskManager
+
+        task_manager = TaskManager()
+        unknown = [name for name in names if name not in set(task_manager.all_tasks)]
+        if unknown:
+            raise ValueError(f"tasks: lm-eval knows no task, group or tag named "
+                             f"{', '.join(unknown)} (aliases here: local, "
+                             f"{', '.join(TASK_ALIASES)})")
+        try:
+            task_manager.load(names)
+        except Exception as error:  # datasets raises many kinds; the first line says which
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
+            where = ("the hub is offline here (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set) "
+                     "and they are not in the cache" if offline else "loading them failed")
+            raise ValueError(
+                f"the standard tasks {', '.join(names)} need their datasets from the hub; "
+                f"{where} ({reason}); run with HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 and hub "
+                "access, or set tasks to [local]") from None
+
+
+def standard_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The paper's Table 1 layout for standard tasks: model × task, plus the average.
+
+    Parameters
+    ----------
+    results : DataFrame
+        Rows of :func:`evaluate_masks` or :func:`evaluate_checkpoints` on standard tasks, with
+        ``method`` and ``prune_ratio`` columns added.
+
+    Returns
+    -------
+    DataFrame
+        Index (``method``, ``prune_ratio``), one column per task with its normalised accuracy
+        (``acc_norm``, or ``acc`` where the task has no normalised form, as in the paper), the
+        mean over masks of one method and ratio (random seeds), and ``average`` over tasks.
+    """
+    tasks = results[results["kind"] == "task"]
+    has_norm = set(tasks.loc[tasks["metric"] == "acc_norm", "task"])
+    chosen = tasks[((tasks["metric"] == "acc_norm") & tasks["task"].isin(has_norm))
+                   | ((tasks["metric"] == "acc") & ~tasks["task"].isin(has_norm))]
+    table = chosen.pivot_table(index=["method", "prune_ratio"], columns="task", values="value",
+                               aggfunc="mean")
+    order = list(dict.fromkeys(chosen["task"]))
+    table = table[[task for task in order if task in table.columns]]
+    table.columns.name = None
+    table["average"] = table.mean(axis=1)
+    return table
+
+
 # --------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------
@@ -728,11 +859,14 @@ def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | o
     return raw
 
 
-def _evaluate(model_factory: Callable[[], Any], tokenizer: Any, tasks: Sequence[str],
+def _evaluate(model_factory: Callable[[], Any] | None, tokenizer: Any, tasks: Sequence[str],
               task_dir: str | os.PathLike | None, *, model_key: str,
-              limit: int | float | None, batch_size: int, max_length: int | None,
+              limit: int | float | None, batch_size: int | str, max_length: int | None,
               cache_dir: str | os.PathLike | None, num_fewshot: int, bootstrap_iters: int,
-              offline: bool, random_seed: int) -> dict[str, Any]:
+              offline: bool, random_seed: int,
+              run: Callable[[list[str]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The cached evaluation shared by every entry point; ``run(tasks)`` (when given) replaces
+    the in-process lm-eval run of ``model_factory()`` and returns lm-eval's raw output."""
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
         raise ValueError("tasks must name at least one lm-eval task or group; got none")
@@ -763,10 +897,13 @@ def _evaluate(model_factory: Callable[[], Any], tokenizer: Any, tasks: Sequence[
         # the group only; the member's result is part of the group's.
         to_run = _without_members(missing, _read_task_manifests(task_dir))
         with _hf_environment(cache, offline=offline):
-            raw = _run_lm_eval(model_factory(), tokenizer, to_run, task_dir, limit=limit,
-                               batch_size=batch_size, max_length=max_length,
-                               num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
-                               random_seed=random_seed)
+            if run is not None:
+                raw = run(to_run)
+            else:
+                raw = _run_lm_eval(model_factory(), tokenizer, to_run, task_dir, limit=limit,
+                                   batch_size=batch_size, max_length=max_length,
+                                   num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                                   random_seed=random_seed)
         fresh = _entries_of_raw(raw, missing)
         if cache is not None:
             for name, entry in fresh.items():
@@ -981,6 +1118,175 @@ def evaluate_masks(
     return pd.concat(tables, ignore_index=True)
 
 
+def exported_checkpoints(pruning_folder: str | os.PathLike) -> pd.DataFrame:
+    """The pruned checkpoints stage 05 exported (``checkpoint-<method>-<ratio>/``).
+
+    Returns
+    -------
+    DataFrame
+        One row per checkpoint, in name order: ``mask`` (``<method>@<ratio>``, the mask's name
+        in ``masks.csv``), ``path``, ``uniform`` (every MoE layer keeps the same number of
+        experts, so stock transformers and vLLM load it) and ``key`` (a hash of the
+        checkpoint's files as listed in stage 05's manifest, else of its config).
+    """
+    folder = Path(pruning_folder)
+    manifest_path = folder / "manifest.json"
+    outputs = read_json(manifest_path).get("outputs", {}) if manifest_path.is_file() else {}
+    rows = []
+    for path in sorted(folder.glob("checkpoint-*")):
+        config_path = path / "config.json"
+        if not path.is_dir() or not config_path.is_file():
+            continue
+        config = read_json(config_path)
+        info = config.get("pruning", {})
+        kept = config.get("kept_experts", {})
+        files = {name: digest for name, digest in sorted(outputs.items())
+                 if name.startswith(f"{path.name}/")}
+        rows.append({
+            "mask": f"{info.get('method', path.name)}@{float(info.get('prune_ratio', 0.0)):g}",
+            "path": str(path),
+            "uniform": len({len(ids) for ids in kept.values()}) <= 1,
+            "key": text_sha256(json.dumps(files or config, sort_keys=True)),
+        })
+    return pd.DataFrame(rows, columns=["mask", "path", "uniform", "key"])
+
+
+def _lm_eval_worker(spec_path: str) -> None:
+    """Run one ``lm_eval.simple_evaluate`` described by a JSON file (in a child process)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    spec = read_json(spec_path)
+    task_manager = TaskManager(include_path=spec["include_path"],
+                               include_defaults=spec["include_defaults"])
+    raw = lm_eval.simple_evaluate(
+        model=spec["backend"], model_args=spec["model_args"], tasks=spec["tasks"],
+        task_manager=task_manager, limit=spec["limit"], num_fewshot=spec["num_fewshot"],
+        batch_size=spec["batch_size"], device=spec["device"], log_samples=False,
+        bootstrap_iters=spec["bootstrap_iters"], random_seed=spec["random_seed"],
+        numpy_random_seed=spec["random_seed"], torch_random_seed=spec["random_seed"],
+        fewshot_random_seed=spec["random_seed"])
+    if raw is None:
+        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+    write_json(spec["output"], _json_value({key: raw.get(key, {}) for key in (
+        "results", "groups", "group_subtasks", "n-samples")}))
+
+
+def _run_in_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval in a child process, so that each model (vLLM's above all) frees its GPU memory."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="moecollab-lm-eval-") as scratch:
+        spec = {**spec, "output": str(Path(scratch) / "results.json")}
+        spec_path = Path(scratch) / "spec.json"
+        write_json(spec_path, spec)
+        code = ("import sys; from moecollab.evaluation import _lm_eval_worker; "
+                "_lm_eval_worker(sys.argv[1])")
+        done = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=dict(os.environ),
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            raise RuntimeError(f"lm-eval ({spec['backend']}) failed on "
+                               f"{spec['model_args'].get('pretrained')}: "
+                               f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+        return read_json(spec["output"])
+
+
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, tuple[str, str]],
+    tasks: Sequence[str],
+    task_dir: str | os.PathLike | None = None,
+    *,
+    backend: str = "vllm",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.85,
+    device: str | None = None,
+    batch_size: int | str = "auto",
+    max_length: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int = 0,
+    bootstrap_iters: int = 100,
+    offline: bool = True,
+    random_seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate checkpoints on disk with lm-eval's ``vllm`` (or ``hf``) model type.
+
+    Each checkpoint runs in a child process (lm-eval's ``simple_evaluate`` with
+    ``model=backend``), so its GPU memory is returned before the next one loads; results are
+    cached as in :func:`evaluate`.
+
+    Parameters
+    ----------
+    checkpoints : mapping of str to (path, key)
+        Name (e.g. ``unpruned``, ``caep@0.25``) → a folder or hub id that the backend loads
+        as it is (for vLLM: a stock transformers checkpoint, every MoE layer with the same
+        number of experts) and a key that identifies its weights.
+    tasks, task_dir
+        As in :func:`evaluate`.
+    backend : {"vllm", "hf"}
+        lm-eval's model type; see :func:`check_backend`.
+    dtype, trust_remote_code
+        Passed to the model type.
+    tensor_parallel_size, gpu_memory_utilization
+        vLLM only: GPUs one model is split over, and the share of their memory it may take.
+    device : str or None
+        ``hf`` only (``cpu``, ``cuda``); None lets lm-eval choose.
+    batch_size, max_length, cache_dir, limit, num_fewshot, bootstrap_iters, offline,
+    random_seed
+        As in :func:`evaluate` (``batch_size`` may be ``"auto"``).
+    progress : bool, default True
+        A text progress bar over checkpoints.
+
+    Returns
+    -------
+    DataFrame
+        Like :func:`evaluate_masks`: ``mask`` (the name), ``model_key`` (``<key>|<backend>``),
+        then the :func:`results_table` columns.
+    """
+    from tqdm import tqdm
+
+    check_backend(backend)
+    if not checkpoints:
+        raise ValueError("checkpoints must name at least one model; got none")
+    tables = []
+    local = _read_task_manifests(task_dir)
+    for name, (path, key) in tqdm(checkpoints.items(), desc="checkpoints",
+                                  disable=not progress):
+        model_key = f"{key}|{backend}"
+        model_args: dict[str, Any] = {"pretrained": str(path), "dtype": dtype,
+                                      "trust_remote_code": bool(trust_remote_code)}
+        if backend == "vllm":
+            model_args |= {"tensor_parallel_size": int(tensor_parallel_size),
+                           "gpu_memory_utilization": float(gpu_memory_utilization)}
+            if max_length is not None:
+                model_args["max_model_len"] = int(max_length)
+        elif max_length is not None:
+            model_args["max_length"] = int(max_length)
+
+        def run(to_run: list[str], model_args: dict[str, Any] = model_args) -> dict[str, Any]:
+            return _run_in_child({
+                "backend": backend, "model_args": model_args, "tasks": to_run,
+                "include_path": str(task_dir) if task_dir is not None else None,
+                "include_defaults": not all(task in local for task in to_run),
+                "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
+                "device": device, "bootstrap_iters": bootstrap_iters,
+                "random_seed": random_seed})
+
+        raw = _evaluate(None, None, tasks, task_dir, model_key=model_key, limit=limit,
+                        batch_size=batch_size, max_length=max_length, cache_dir=cache_dir,
+                        num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters,
+                        offline=offline, random_seed=random_seed, run=run)
+        table = results_table(raw)
+        table.insert(0, "model_key", model_key)
+        table.insert(0, "mask", name)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
 def _evaluate_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {"batch_size": 32, "max_length": None, "num_fewshot": 0, "bootstrap_iters": 100,
                 "offline": True, "random_seed": 0}
@@ -1043,6 +1349,26 @@ def results_table(raw: Mapping[str, Any]) -> pd.DataFrame:
                 else math.nan,
             })
     return pd.DataFrame(rows, columns=_TABLE_COLUMNS)
+
+
+def add_method_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Add ``method`` and ``prune_ratio`` read from mask names such as ``random-s3@0.25``.
+
+    ``random-s<seed>`` becomes ``random``, every ``domain-<field>`` becomes ``domain``, and a
+    name without ``@`` (``unpruned``) has ratio 0. Changes ``table`` in place and returns it.
+
+    Examples
+    --------
+    >>> table = add_method_columns(pd.DataFrame({"mask": ["unpruned", "random-s3@0.25"]}))
+    >>> table["method"].tolist(), table["prune_ratio"].tolist()
+    (['unpruned', 'random'], [0.0, 0.25])
+    """
+    table["method"] = (table["mask"].str.split("@").str[0]
+                       .str.replace(r"-s\d+$", "", regex=True)      # random-s3 -> random
+                       .str.replace(r"^domain-.*$", "domain", regex=True))
+    table["prune_ratio"] = pd.to_numeric(table["mask"].str.split("@").str[1],
+                                         errors="coerce").fillna(0.0)
+    return table
 
 
 def relative_drop(table: pd.DataFrame, baseline_mask: str = "unpruned", *,

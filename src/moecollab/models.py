@@ -1,22 +1,34 @@
 """The embedded reference model: a real ``OlmoeForCausalLM`` and its tokenizer, built from scratch.
 
 Also the loaders every stage uses: :func:`load_model` (safetensors only, ``trust_remote_code``
-only when asked) and :func:`resolve_device`.
+only when asked, a weights dtype, and accelerate's ``device_map`` for models larger than one
+GPU), :func:`load_reference_model` (the model stage 00 settled on, loaded the way stage 00
+recorded in ``model_ref.json``) and :func:`resolve_device`.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
 import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+#: Weight dtypes a pretrained checkpoint can be loaded in; ``auto`` keeps the checkpoint's own.
+DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32,
+                          "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+#: The file stage 00 writes when it loads a pretrained checkpoint instead of training one.
+MODEL_REF = "model_ref.json"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -77,33 +89,82 @@ def embedded_config(*, vocab_size: int, n_layers: int = 4, hidden_size: int = 25
         output_router_logits=False, router_aux_loss_coef=0.0, **special)
 
 
-def build_model(config, seed: int):
+def build_model(config, seed: int, *, dtype: torch.dtype | None = None,
+                trust_remote_code: bool = False):
     """A randomly initialised causal LM for ``config``; the same seed gives the same weights.
 
     For the embedded config this is an ``OlmoeForCausalLM``; for a pretrained model's config it
-    is the untrained control of the same architecture.
+    is the untrained control of the same architecture. ``dtype`` None builds in torch's default
+    (float32); ``trust_remote_code`` is needed for a config whose class is custom code.
     """
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)  # initialisation draws from torch's global generator
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     finally:
         torch.random.set_rng_state(state)
     return model
 
 
+# --------------------------------------------------------------------------------- loading
+
+
+def torch_dtype(dtype: str | torch.dtype | None) -> Any:
+    """``auto`` (or None) → ``"auto"``; ``float32``/``bfloat16``/``float16`` → the torch dtype.
+
+    Examples
+    --------
+    >>> torch_dtype("bfloat16"), torch_dtype(None)
+    (torch.bfloat16, 'auto')
+    """
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_device_map(device_map: str | None) -> str | None:
+    """The accelerate placement strategy, or None for one device; a clear error otherwise.
+
+    Empty (or None) keeps the model on one device. ``auto`` (also ``balanced``,
+    ``balanced_low_0``, ``sequential``) lets accelerate spread the layers over every visible
+    GPU (and the CPU if they do not suffice); it needs the ``accelerate`` package.
+    """
+    if not device_map:
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise ValueError(f"device_map must be empty (one device) or one of "
+                         f"{', '.join(DEVICE_MAPS)}; got {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError(f"device_map {device_map!r} needs the accelerate package, which is not "
+                         "installed: pip install accelerate (or leave device_map empty)")
+    return device_map
+
+
 def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, device_map: str | None = None):
     """Load a causal LM from a folder or hub id, from safetensors only.
 
     Parameters
     ----------
     path : folder with ``config.json`` and ``*.safetensors``, or a hub id
-    device : ``auto``, ``cpu`` or ``cuda``
-    dtype : torch dtype or None (the checkpoint's own)
+    device : ``auto``, ``cpu`` or ``cuda``; where the model goes when ``device_map`` is empty
+    dtype : ``auto`` / None (the checkpoint's own), ``float32``, ``bfloat16``, ``float16`` or a
+        torch dtype
     trust_remote_code : run code shipped with the checkpoint; off unless a profile asks
+    device_map : empty or None puts the whole model on ``device``; ``auto`` (or another
+        accelerate strategy, see :func:`check_device_map`) spreads it over the visible GPUs.
+        Ignored, with a warning, for a pruned checkpoint with per-layer expert counts.
 
     Returns
     -------
@@ -111,6 +172,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = torch_dtype(dtype)
+    device_map = check_device_map(device_map)
     local = Path(path)
     if local.exists():
         if not (local / "config.json").is_file():
@@ -118,6 +181,10 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
         if not any(local.glob("*.safetensors")):
             raise ValueError(f"model path {path!s} has no .safetensors weights "
                              "(only safetensors checkpoints are loaded)")
+    else:
+        from .preflight import check_hub_reachable
+
+        check_hub_reachable(str(path))  # offline, a hub id must be in the Hugging Face cache
     if trust_remote_code:
         logger.warning("trust_remote_code=True: running code shipped with %s", path)
     target = resolve_device(device)
@@ -126,13 +193,87 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
         # A pruned checkpoint: per-layer expert counts and masks need moecollab's loader.
         from .pruning_apply import load_pruned
 
+        if device_map:
+            logger.warning("device_map %r ignored for the pruned checkpoint %s: it is loaded "
+                           "on %s", device_map, path, target)
         model = load_pruned(local, dtype=dtype, device=target)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code,
-            dtype=dtype if dtype is not None else "auto")
+        kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": dtype,
+                                  "trust_remote_code": trust_remote_code}
+        if device_map:
+            kwargs["device_map"] = device_map
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except ImportError as error:
+            if not trust_remote_code:
+                raise
+            import transformers
+
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ImportError(
+                f"the code shipped with {path} does not import with transformers "
+                f"{transformers.__version__} ({first_line}); use a checkpoint with a native "
+                "transformers class, or the transformers version its code was written for"
+            ) from None
+        if not device_map:
+            model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    return model.to(target).eval(), tokenizer
+    return model.eval(), tokenizer
+
+
+def is_dispatched(model) -> bool:
+    """Whether accelerate spread ``model`` over several devices (so ``.to()`` must not move it)."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    return len({str(device) for device in placement.values()}) > 1
+
+
+def place(model, device: str | torch.device, device_map: str | None = None):
+    """Move ``model`` to ``device``, unless accelerate placed it (``device_map`` set)."""
+    if check_device_map(device_map) or is_dispatched(model):
+        return model
+    return model.to(device if isinstance(device, torch.device) else resolve_device(device))
+
+
+def _dispatch(model, device_map: str):
+    """Spread a model built in memory over the visible devices, as ``from_pretrained`` would."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = (model._get_no_split_modules(device_map)
+                if hasattr(model, "_get_no_split_modules")
+                else list(getattr(model, "_no_split_modules", None) or []))
+    kwargs = {"no_split_module_classes": no_split, "dtype": model.dtype}
+    max_memory = None
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, low_zero=device_map == "balanced_low_0",
+                                         **kwargs)
+    placement = infer_auto_device_map(model, max_memory=max_memory, **kwargs)
+    devices = set(placement.values())
+    if len(devices) == 1:
+        return model.to(next(iter(devices)))
+    return dispatch_model(model, placement)
+
+
+def build_control_model(config, *, seed: int = 0, dtype=None, device: str = "cpu",
+                        device_map: str | None = None, trust_remote_code: bool = False):
+    """The untrained control of a pretrained checkpoint: its architecture, randomly initialised.
+
+    Built on the CPU in ``dtype`` (None or ``auto``: float32), then moved to ``device``, or
+    spread over the GPUs like the checkpoint when ``device_map`` is set.
+    """
+    dtype = torch_dtype(dtype)
+    model = build_model(config, seed=seed, dtype=None if dtype == "auto" else dtype,
+                        trust_remote_code=trust_remote_code)
+    device_map = check_device_map(device_map)
+    model = _dispatch(model, device_map) if device_map else model.to(resolve_device(device))
+    return model.eval()
+
+
+def release_memory() -> None:
+    """Collect garbage and return cached CUDA memory, so the next large model fits."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def count_parameters(model) -> dict[str, int]:
@@ -145,27 +286,88 @@ def count_parameters(model) -> dict[str, int]:
     return {"total": total, "experts": expert, "active_per_token": active}
 
 
-def load_reference_model(stage_00_folder: str | os.PathLike, *, device: str = "cpu"):
+def write_model_ref(folder: str | os.PathLike, model: str, *, trust_remote_code: bool = False,
+                    dtype: str = "auto", device_map: str = "") -> Path:
+    """Record how stage 00 loaded a pretrained checkpoint, for the later stages to do the same."""
+    from .artifacts import write_json
+
+    torch_dtype(dtype)
+    check_device_map(device_map)
+    return write_json(Path(folder) / MODEL_REF, {
+        "model": str(model), "trust_remote_code": bool(trust_remote_code),
+        "dtype": dtype or "auto", "device_map": device_map or ""})
+
+
+def reference_settings(stage_00_folder: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`write_model_ref` recorded, with defaults for older records; None when stage
+    00 trained its own model."""
+    reference = Path(stage_00_folder) / MODEL_REF
+    if not reference.is_file():
+        return None
+    settings = json.loads(reference.read_text())
+    return {"model": settings["model"],
+            "trust_remote_code": bool(settings.get("trust_remote_code", False)),
+            "dtype": settings.get("dtype", "auto"), "device_map": settings.get("device_map", "")}
+
+
+def load_reference_model(stage_00_folder: str | os.PathLike, *, device: str = "cpu",
+                         dtype=None, device_map: str | None = None):
     """The model stage 00 settled on: its trained checkpoint, or the pretrained one it named.
+
+    A pretrained checkpoint is loaded the way stage 00 recorded in ``model_ref.json``
+    (``trust_remote_code``, ``dtype``, ``device_map``); ``dtype`` or ``device_map`` given here
+    replace the recorded ones (``device_map=""`` forces one device, e.g. a CPU copy to prune).
 
     Returns
     -------
     (model, tokenizer)
     """
     folder = Path(stage_00_folder)
-    reference = folder / "model_ref.json"
-    if reference.is_file():
-        settings = json.loads(reference.read_text())
+    settings = reference_settings(folder)
+    if settings is not None:
         return load_model(settings["model"], device=device,
-                          trust_remote_code=settings.get("trust_remote_code", False))
-    return load_model(folder / "model", device=device)
+                          trust_remote_code=settings["trust_remote_code"],
+                          dtype=settings["dtype"] if dtype is None else dtype,
+                          device_map=settings["device_map"] if device_map is None
+                          else device_map)
+    return load_model(folder / "model", device=device,
+                      **({"dtype": dtype} if dtype is not None else {}))
 
 
-def load_control_model(stage_00_folder: str | os.PathLike, reference_model, *, seed: int = 0,
-                       device: str = "cpu"):
+def load_control_model(stage_00_folder: str | os.PathLike, reference, *, seed: int = 0,
+                       device: str = "cpu", dtype=None, device_map: str | None = None):
     """The untrained control: stage 00's saved ``control_model``, or, for a pretrained
-    checkpoint, the same architecture randomly initialised with ``seed``."""
+    checkpoint, the same architecture randomly initialised with ``seed``.
+
+    ``reference`` is the reference model or its config (pass the config and free the model
+    first when two copies would not fit). A built control takes ``dtype`` (default: the
+    reference model's) and the recorded ``device_map`` unless one is given.
+    """
     folder = Path(stage_00_folder) / "control_model"
     if folder.is_dir():
         return load_model(folder, device=device)[0]
-    return build_model(reference_model.config, seed=seed).to(resolve_device(device)).eval()
+    config = getattr(reference, "config", reference)
+    if dtype is None:
+        dtype = getattr(reference, "dtype", None) if hasattr(reference, "config") else None
+    settings = reference_settings(stage_00_folder) or {}
+    if device_map is None:
+        device_map = settings.get("device_map", "")
+    return build_control_model(config, seed=seed, dtype=dtype, device=device,
+                               device_map=device_map,
+                               trust_remote_code=settings.get("trust_remote_code", False))
+
+
+def check_load_settings(model: str, dtype: str = "auto", device_map: str = "") -> None:
+    """Stage 00's checks of how to load the model, one line each, before any work.
+
+    ``dtype`` and ``device_map`` apply to a pretrained checkpoint (``model``); the embedded
+    model is trained from scratch in float32 on one device.
+    """
+    torch_dtype(dtype)
+    check_device_map(device_map)
+    if not model and dtype != "auto":
+        raise ValueError(f"dtype {dtype!r} applies to a pretrained model (set model); the "
+                         "embedded model trains in float32, so leave dtype at auto")
+    if not model and device_map:
+        raise ValueError(f"device_map {device_map!r} applies to a pretrained model (set model); "
+                         "the embedded model trains on one device, so leave device_map empty")

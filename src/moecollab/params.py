@@ -261,6 +261,10 @@ def _check_relations(stage: str, values: dict[str, Any]) -> None:
         raise ParameterError(
             f"parameter 'n_atoms' of stage {stage} must be a non-empty list that does not grow "
             f"from level to level (level l+1 is learned from level l's atoms); got {atoms!r}")
+    if isinstance(values.get("tasks"), list) and "local" not in values["tasks"]:
+        raise ParameterError(
+            f"parameter 'tasks' of stage {stage} must include 'local' (the chapter's tables are "
+            f"built from the corpus tasks), e.g. [local, paper]; got {values['tasks']!r}")
     if {"hidden_size", "n_heads"} <= values.keys() and values["hidden_size"] % values["n_heads"]:
         raise ParameterError(
             f"parameter 'n_heads' of stage {stage} must divide hidden_size "

@@ -424,9 +424,9 @@ def atom_tree(hierarchy: np.ndarray, labels1=None, labels2=None,
     A level-2 atom shared by several level-1 atoms is drawn once, placed at the mean height of
     its parents, so shared sub-patterns show as converging edges. Edge width and the number on
     each edge are the hierarchy weight relative to the parent's strongest child (1 = strongest).
-    Level-1 colours match :func:`moecollab.annotation.atom_colours`.
+    Level-1 colours match :func:`moecollab.colours.atom_colours` (as in the HTML passages).
     """
-    from moecollab.annotation import atom_colours
+    from moecollab.colours import atom_colours
 
     hierarchy = np.asarray(hierarchy, dtype=float)
     if hierarchy.ndim != 2:

@@ -5,7 +5,8 @@ mistakes only show when stages are read together, or need a look at the model's 
 
 - the model to load does not exist, has no safetensors weights, or has no router we can read;
 - a pruning ratio leaves a layer fewer experts than the router picks per token (``top_k``),
-  which a transformers model cannot run.
+  which a transformers model cannot run;
+- evaluation through vLLM is asked for, but stage 05 exports no pruned checkpoints.
 
 Each is reported as one :class:`~moecollab.params.ParameterError` line, before stage 00 trains
 or loads anything.
@@ -39,7 +40,7 @@ def check_plan(parameters: dict[str, dict[str, Any]]) -> None:
     if shape is not None and "05_pruning" in parameters:
         n_experts, top_k = shape
         pruning = parameters["05_pruning"]
-        for name in ("prune_ratios", "domain_prune_ratio", "ablation_ratio"):
+        for name in ("prune_ratios", "domain_prune_ratio"):
             if name not in pruning:
                 continue
             values = pruning[name] if isinstance(pruning[name], list) else [pruning[name]]
@@ -50,6 +51,14 @@ def check_plan(parameters: dict[str, dict[str, Any]]) -> None:
                         f"{n_kept(n_experts, ratio)} of {n_experts} experts per layer, fewer "
                         f"than top_k ({top_k}); allowed: ratios <= "
                         f"{_largest_ratio(n_experts, top_k):g}")
+
+
+    evaluation = parameters.get("06_evaluation", {})
+    if evaluation.get("backend") == "vllm" and not parameters.get("05_pruning", {}).get("export"):
+        raise ParameterError(
+            "parameter 'backend' of stage 06_evaluation: vllm evaluates the checkpoints stage "
+            "05_pruning exports, and export is off; set 05_pruning.export: true, or use "
+            "backend hf")
 
 
 def model_shape(model_settings: dict[str, Any]) -> tuple[int, int] | None:
@@ -77,35 +86,28 @@ def model_shape(model_settings: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def read_model_config(source: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``config.json`` of a local checkpoint, checked; None for a hub id the hub may serve.
+    """The ``config.json`` of a checkpoint folder or a cached hub id, checked.
+
+    Returns None for a hub id that is not cached while the hub is reachable (its config is not
+    downloaded just to check it).
 
     Raises
     ------
     ParameterError
         A folder without ``config.json`` or safetensors weights, a model family without a
-        readable router, or a name that is neither a folder nor reachable (hub offline).
+        router moecollab can read, or a hub id that is neither cached nor reachable.
     """
     folder = Path(source).expanduser()
-    if not folder.exists():
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise ParameterError(
-                f"model {str(source)!r} is not a folder here and the hub is offline "
-                "(HF_HUB_OFFLINE=1); give a local checkpoint folder, or set HF_HUB_OFFLINE=0 "
-                "to download a hub id")
-        return None
-    if not folder.is_dir():
-        raise ParameterError(f"model {str(source)!r} is a file; give a checkpoint folder "
-                             "with config.json and *.safetensors")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise ParameterError(f"model folder {str(source)!r} has no config.json")
-    if not any(folder.glob("*.safetensors")):
-        raise ParameterError(f"model folder {str(source)!r} has no .safetensors weights "
-                             "(only safetensors checkpoints are loaded, never pickles)")
+    if folder.exists():
+        config_path = _checked_folder(folder, str(source))
+    else:
+        config_path = check_hub_reachable(str(source))
+        if config_path is None:
+            return None
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as error:
-        raise ParameterError(f"model folder {str(source)!r}: config.json is not valid JSON "
+        raise ParameterError(f"model {str(source)!r}: config.json is not valid JSON "
                              f"({error})") from None
     from .moe_arch import SUPPORTED_FAMILIES  # torch: only when a checkpoint is named
 
@@ -115,6 +117,42 @@ def read_model_config(source: str | os.PathLike) -> dict[str, Any] | None:
             f"model {str(source)!r} has model_type {model_type!r}, which has no router "
             f"moecollab can read; supported: {', '.join(SUPPORTED_FAMILIES)}")
     return config
+
+
+def _checked_folder(folder: Path, source: str) -> Path:
+    if not folder.is_dir():
+        raise ParameterError(f"model {source!r} is a file; give a checkpoint folder "
+                             "with config.json and *.safetensors")
+    if not (folder / "config.json").is_file():
+        raise ParameterError(f"model folder {source!r} has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise ParameterError(f"model folder {source!r} has no .safetensors weights "
+                             "(only safetensors checkpoints are loaded, never pickles)")
+    return folder / "config.json"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_hub_reachable(name: str) -> Path | None:
+    """The cached ``config.json`` of hub id ``name``, or None when it is not cached.
+
+    Raises :class:`ParameterError` when it is not cached and the hub is offline.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id (an absolute path, say): certainly not cached
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    if hub_offline():
+        raise ParameterError(
+            f"model {name!r} is not a folder here and the hub is offline (HF_HUB_OFFLINE=1); "
+            "give a local checkpoint folder, or set HF_HUB_OFFLINE=0 to download a hub id")
+    return None
 
 
 def _largest_ratio(n_experts: int, top_k: int) -> float:

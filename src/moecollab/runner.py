@@ -260,15 +260,17 @@ def ensure_kernel() -> str:
 
 def build_book(profile: str = "default", root: Path | None = None,
                artifacts_root: Path | None = None, strict: bool = True,
-               output_dir: Path | None = None, pdf: bool = False) -> Path:
+               output_dir: Path | None = None, builder: str = "html") -> Path:
     """Copy a profile's executed notebooks into ``book/notebooks`` and build the book.
 
-    The build renders papermill's outputs as they are (``execute_notebooks: "off"``). With
-    ``pdf`` it runs Jupyter Book's LaTeX builder through XeLaTeX (TeX must be installed: ``make
-    pdf`` installs it) and returns the PDF's path; otherwise the HTML index's.
+    The build renders papermill's outputs as they are (``execute_notebooks: "off"``).
+    ``builder`` is ``html`` (returns the index page), ``latex`` (the ``.tex`` source, no TeX
+    needed) or ``pdf`` (XeLaTeX through latexmk, which ``make pdf`` installs; returns the PDF).
     """
     import nbformat
 
+    if builder not in BUILDERS:
+        raise ParameterError(f"builder must be one of {', '.join(BUILDERS)}; got {builder!r}")
     root = root or artifacts.repo_root()
     name = profile_name(profile)
     executed = (artifacts_root or root / "artifacts") / name / "executed"
@@ -291,23 +293,25 @@ def build_book(profile: str = "default", root: Path | None = None,
     appendix.write_appendix_parts(root, (artifacts_root or root / "artifacts") / name)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--all",
                "-q"]
-    if pdf:
+    if builder == "pdf":
         missing = [tool for tool in ("xelatex", "latexmk") if shutil.which(tool) is None]
         if missing:
             raise StageFailed(f"the PDF needs TeX ({', '.join(missing)} not found); run "
                               "`make pdf`, which installs it from Debian packages")
-        command += ["--builder", "pdflatex"]
+    command += ["--builder", BUILDERS[builder]]
     if strict:
         command += ["-W", "--keep-going"]
     if output_dir is not None:
         command += ["--path-output", str(output_dir)]
     if subprocess.run(command, cwd=root).returncode != 0:
         raise StageFailed("the book build failed (see the warnings above)")
-    if pdf:
-        return (output_dir or root) / "_build" / "latex" / "moecollab.pdf"
-    return (output_dir or root) / "_build" / "html" / "index.html"
+    if builder == "html":
+        return (output_dir or root) / "_build" / "html" / "index.html"
+    suffix = "tex" if builder == "latex" else "pdf"
+    return (output_dir or root) / "_build" / "latex" / f"moecollab.{suffix}"
 
 
+BUILDERS = {"html": "html", "latex": "latex", "pdf": "pdflatex"}  # ours → Jupyter Book's
 GENERATED_PAGES = ("book/downloads",)  # written by build_book, listed in _toc.yml
 # book/generated/ holds the parts that book/appendix.md includes (moecollab.appendix).
 
@@ -398,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             run(plan)
             logger.info("artifacts in %s", plan.artifacts_root / plan.profile)
         else:
-            index = build_book(args.profile, root=root, strict=args.strict, pdf=args.pdf)
+            index = build_book(args.profile, root=root, strict=args.strict,
+                               builder="pdf" if args.pdf else "html")
             logger.info("book: %s", index)
     except (ParameterError, artifacts.ArtifactError, StageFailed) as error:
         print(f"error: {error}", file=sys.stderr)

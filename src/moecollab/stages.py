@@ -73,6 +73,9 @@ FRACTION_OPEN = Check(low=0, high=1, high_open=True)   # [0, 1)
 PROBABILITY = Check(low=0, high=1)
 DEVICE = Check(choices=("auto", "cpu", "cuda"))
 DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
+# Loading a pretrained checkpoint (moecollab.models.DTYPES and DEVICE_MAPS; a test checks).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 # Parameters every notebook has; the runner sets the first three itself.
 RUNNER_PARAMETERS = ("profile", "artifacts_root", "output_dir")
@@ -120,6 +123,8 @@ STAGES: tuple[Stage, ...] = (
             "n_eval_tokens": POSITIVE,
             "n_mcq_choices": Check(low=2, high=10),
             "min_expert_share": Check(low=0, high=1),
+            "dtype": Check(choices=DTYPES),
+            "device_map": Check(choices=DEVICE_MAPS),
         },
     ),
     Stage(
@@ -197,6 +202,8 @@ STAGES: tuple[Stage, ...] = (
             "n_random_evaluated": POSITIVE,
             "mode": Check(choices=("mask", "remove")),
             "batch_size": POSITIVE,
+            "backend": Check(choices=("hf", "vllm")),
+            "standard_limit": NON_NEGATIVE,
         },
     ),
 )

@@ -1,0 +1,106 @@
+"""Loading pretrained checkpoints the way real-model profiles ask: dtype, device_map, custom code.
+
+Tiny checkpoints saved by ``tiny_models.save_tiny_checkpoint``; everything offline on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import save_tiny_checkpoint
+
+from moecollab import artifacts, models
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe") / "model",
+                                norm_topk_prob=False)
+
+
+@pytest.mark.parametrize(("model", "dtype", "device_map", "message"), [
+    ("x", "bf16", "", "dtype must be one of auto, float32, bfloat16, float16; got 'bf16'"),
+    ("x", "auto", "gpu", "device_map must be empty (one device) or one of auto, balanced, "
+                         "balanced_low_0, sequential; got 'gpu'"),
+    ("", "bfloat16", "", "dtype 'bfloat16' applies to a pretrained model (set model)"),
+    ("", "auto", "auto", "device_map 'auto' applies to a pretrained model (set model)"),
+])
+def test_load_settings_are_checked_in_one_line(model, dtype, device_map, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) \
+            as error:
+        models.check_load_settings(model, dtype, device_map)
+    assert "\n" not in str(error.value)
+
+
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "accelerate" else real_find_spec(name))
+    with pytest.raises(ValueError, match="device_map 'auto' needs the accelerate package, which "
+                                         "is not installed: pip install accelerate"):
+        models.check_device_map("auto")
+    assert models.check_device_map("") is None  # one device needs no accelerate
+
+
+def test_load_model_in_bf16_with_accelerates_device_map(checkpoint):
+    reference, _ = models.load_model(checkpoint, dtype="float32")
+    model, tokenizer = models.load_model(checkpoint, dtype="bfloat16", device_map="auto")
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert len(tokenizer) == model.config.vocab_size
+    for (name, weight), (_, loaded) in zip(reference.state_dict().items(),
+                                           model.state_dict().items(), strict=True):
+        assert torch.equal(weight.to(torch.bfloat16), loaded), name
+    assert models.place(model, "cpu", "auto") is model  # accelerate placed it: left alone
+
+
+def test_later_stages_load_the_model_as_stage_00_recorded(checkpoint, tmp_path):
+    models.write_model_ref(tmp_path, str(checkpoint), dtype="bfloat16", device_map="")
+    assert artifacts.read_json(tmp_path / "model_ref.json") == {
+        "model": str(checkpoint), "trust_remote_code": False, "dtype": "bfloat16",
+        "device_map": ""}
+    model, _ = models.load_reference_model(tmp_path)
+    assert model.dtype == torch.bfloat16
+    as_float, _ = models.load_reference_model(tmp_path, dtype="float32")  # an explicit override
+    assert as_float.dtype == torch.float32
+
+    # (The tiny checkpoint itself was initialised with seed 0.)
+    control = models.load_control_model(tmp_path, model.config, seed=1, dtype=torch.bfloat16)
+    again = models.load_control_model(tmp_path, model, seed=1)  # the model's own dtype
+    assert type(control) is type(model) and control.dtype == torch.bfloat16
+    for (name, weight), (_, other) in zip(control.state_dict().items(),
+                                          again.state_dict().items(), strict=True):
+        assert torch.equal(weight, other), name  # the same seed gives the same control
+    router = "model.layers.0.mlp.gate.weight"
+    assert not torch.equal(control.state_dict()[router], model.state_dict()[router])
+
+
+def test_custom_code_loads_only_when_trusted_and_a_broken_one_fails_in_one_line(tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = save_tiny_checkpoint("deepseek_v2", tmp_path / "custom", custom_code="TinyDeepseek",
+                                  first_k_dense_replace=1, n_shared_experts=2)
+    model, _ = models.load_model(folder, trust_remote_code=True)
+    assert type(model).__name__ == "TinyDeepseekForCausalLM"
+    control = models.build_control_model(model.config, seed=0, trust_remote_code=True)
+    assert type(control).__name__ == "TinyDeepseekForCausalLM"
+    # Without trust the custom code never runs (here the native class takes over).
+    assert type(models.load_model(folder)[0]).__name__ == "DeepseekV2ForCausalLM"
+
+    # Like DeepSeek-MoE-16B's code under transformers 5: an import that no longer exists.
+    folder = save_tiny_checkpoint("deepseek_v2", tmp_path / "broken", custom_code="Broken")
+    modeling = folder / "modeling_broken.py"
+    modeling.write_text("from transformers.modeling_attn_mask_utils import "
+                        "_prepare_4d_causal_attention_mask\n" + modeling.read_text())
+    with pytest.raises(ImportError, match=r"the code shipped with .* does not import with "
+                                          r"transformers 5\.\d+\.\d+ \(") as error:
+        models.load_model(folder, trust_remote_code=True)
+    assert "\n" not in str(error.value)
+
+
+def test_the_plan_checks_offer_exactly_the_loaders_choices():
+    from moecollab import stages
+
+    assert set(stages.DTYPES) == set(models.DTYPES)
+    assert set(stages.DEVICE_MAPS) == {"", *models.DEVICE_MAPS}
