@@ -167,7 +167,8 @@ def _check_standard_tasks_fail_early(name: str, overrides: list[str], artifacts_
               r"ValueError: the standard tasks arc_challenge, hellaswag, winogrande, rte, "
               r"openbookqa, piqa need their datasets from the hub; the hub is offline here")]
     if importlib.util.find_spec("vllm") is None:
-        cases.append((["06_evaluation.backend=vllm"],
+        # (without export the plan itself refuses vllm: tests/test_bad_input.py)
+        cases.append((["06_evaluation.backend=vllm", "05_pruning.export=true"],
                       r"ValueError: backend 'vllm' needs the vllm package, which is not "
                       r"installed here: pip install 'lm_eval\[vllm\]'"))
     for extra, message in cases:
