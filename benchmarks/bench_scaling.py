@@ -16,8 +16,9 @@ amount of work per token, plus costs that depend only on the experts) and extrap
 tokens; the growth exponent between the two largest sizes is printed to check that the growth
 is indeed linear. A second sweep varies the experts per layer (16, 32, 64) at a
 fixed token count to show how the cost grows with experts. Capture itself is one forward pass
-of the model with hooks (see ``bench_capture.py`` for its overhead, <= 5 %); a 16B model's
-forward pass is not something a CPU benchmark can time, so it is not extrapolated here.
+of the model with hooks: it is timed beside the same forward pass for the embedded architecture
+with 16 and 64 experts at two token counts (its cost follows the forward pass, which for a 16B
+model is not something a CPU benchmark can time, so it is not extrapolated).
 
 Run: ``python benchmarks/bench_scaling.py`` (about 5 minutes on 2 cores) or ``--quick``.
 """
@@ -34,7 +35,9 @@ from _record import record
 from scipy import sparse
 
 from moecollab import coactivation
+from moecollab.capture import capture_routing
 from moecollab.hsdl import HSDL
+from moecollab.models import build_model, embedded_config
 
 PAPER_TOKENS = 604_000
 PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K = 27, 64, 6
@@ -107,6 +110,26 @@ def time_hsdl(X: sparse.csr_array) -> tuple[float, float]:
                                   init=init, random_state=0).fit(X))
     random_1, random_11, nmf_1 = fit("random", 1), fit("random", 11), fit("nmf", 1)
     return max((random_11 - random_1) / 10, 0.0), max(nmf_1 - random_1, 0.0)
+
+
+def time_capture(n_experts: int, top_k: int, n_tokens: int) -> tuple[float, float]:
+    """(capture seconds, plain forward seconds) of the embedded architecture (4 layers, hidden
+    256) with ``n_experts`` experts per layer over ``n_tokens`` random tokens, best of two."""
+    model = build_model(embedded_config(vocab_size=4096, n_experts=n_experts, top_k=top_k,
+                                        expert_size=128, seq_len=256), seed=0).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(3, 4096, (8, 256), generator=generator),
+                "attention_mask": torch.ones(8, 256, dtype=torch.long)}
+               for _ in range(max(n_tokens // 2048, 1))]
+
+    def forward():
+        with torch.inference_mode():
+            for batch in batches:
+                model(**batch, use_cache=False, logits_to_keep=1)
+
+    capture = min(timed(lambda: capture_routing(model, batches, progress=False))
+                  for _ in range(2))
+    return capture, min(timed(forward) for _ in range(2))
 
 
 def linear_fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -183,6 +206,17 @@ def main() -> None:
     expert_exponent = growth_exponent(expert_counts, by_experts)
     print(f"  from 32 to 64 experts the time grows as experts^{expert_exponent:.2f}")
 
+    print("\ncapture of the embedded architecture (4 layers, hidden 256), random tokens:")
+    capture_rows = []
+    for n_experts, top_k in ((16, 2), (64, 8)):
+        for n_tokens in ((2048, 8192) if not args.quick else (2048, 4096)):
+            capture_seconds, forward_seconds = time_capture(n_experts, top_k, n_tokens)
+            capture_rows.append((n_experts, top_k, n_tokens, capture_seconds, forward_seconds))
+            print(f"  {n_experts:>3} experts top-{top_k}, {n_tokens:>5} tokens: capture "
+                  f"{capture_seconds:.2f} s, forward {forward_seconds:.2f} s "
+                  f"(x{capture_seconds / forward_seconds:.2f})")
+    capture_ratio = max(row[3] / row[4] for row in capture_rows)
+
     fits = {name: linear_fit(*values) for name, values in measured.items()}
 
     def at(name: str, n_tokens: int) -> float:
@@ -222,6 +256,9 @@ def main() -> None:
             {"measure": f"co-activation time vs experts per layer (32 to 64, "
                         f"{coactivation_counts[0]} tokens)",
              "value": f"experts^{expert_exponent:.2f}", "target": ""},
+            {"measure": "capture / forward, worst of 16 or 64 experts and 2k or 8k tokens "
+                        "(embedded architecture)",
+             "value": f"{capture_ratio:.2f}", "target": "<= 1.05"},
             {"measure": "trace at 604k tokens: sparse ids+weights vs dense float32",
              "value": f"{PAPER_TOKENS * bytes_per_token / 1e9:.2f} GB vs "
                       f"{PAPER_TOKENS * dense_per_token / 1e9:.2f} GB", "target": ""},

@@ -51,6 +51,7 @@ from safetensors.numpy import load_file, save_file
 from scipy import sparse
 from tqdm import tqdm
 
+from moecollab.artifacts import replace_folder
 from moecollab.moe_arch import MoEArchitecture, find_moe_layers
 
 logger = logging.getLogger(__name__)
@@ -635,13 +636,7 @@ class _ShardWriter:
             "shards": self.shards,
         }
         (self.tmp_path / METADATA_FILE).write_text(json.dumps(header, indent=1) + "\n")
-        old_path = None
-        if self.path.exists():
-            old_path = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.path, old_path)
-        os.replace(self.tmp_path, self.path)
-        if old_path is not None:
-            shutil.rmtree(old_path, ignore_errors=True)
+        replace_folder(self.tmp_path, self.path)
         logger.info(
             "wrote %d tokens in %d shards to %s", self.n_tokens, len(self.shards), self.path
         )

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moecollab.artifacts import replace_folder
 from moecollab.moe_arch import MoEArchitecture, MoELayer, find_moe_layers
 
 logger = logging.getLogger(__name__)
@@ -491,9 +492,7 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(model.config, info), encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
