@@ -43,7 +43,8 @@ book: $(STAMP)  ## rebuild the book from PROFILE's executed notebooks
 
 pdf: $(STAMP)  ## the book as a PDF handout, _build/latex/moecollab.pdf (installs TeX if missing)
 	@command -v xelatex >/dev/null && command -v latexmk >/dev/null || \
-	  $(SUDO) apt-get install -y --no-install-recommends $(TEX_PACKAGES)
+	  { $(SUDO) apt-get update -q && \
+	    $(SUDO) apt-get install -y --no-install-recommends $(TEX_PACKAGES); }
 	$(PY) -m moecollab book --profile $(PROFILE) --pdf
 
 lint: $(STAMP)  ## ruff only
