@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from moecollab.artifacts import atomic_path, file_sha256, read_json, text_sha256, write_json
+from moecollab.preflight import env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -486,8 +487,7 @@ def standard_tasks_of(tasks: Sequence[str]) -> list[str]:
 
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (to 1, ON, YES or TRUE)."""
-    return any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(env_flag(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def check_backend(backend: str) -> str:

@@ -131,8 +131,15 @@ def _checked_folder(folder: Path, source: str) -> Path:
     return folder / "config.json"
 
 
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is on (1, ON, YES or TRUE, as huggingface_hub reads
+    its switches)."""
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    """Whether ``HF_HUB_OFFLINE`` is on: no model can be downloaded."""
+    return env_flag("HF_HUB_OFFLINE")
 
 
 def check_hub_reachable(name: str) -> Path | None:
