@@ -17,6 +17,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def add_record_flag(parser) -> None:
+    """The ``--record`` option every benchmark shares (``make bench`` passes it)."""
+    parser.add_argument("--record", action="store_true",
+                        help="save the headline numbers for the book (benchmarks/results/)")
+
+
 def machine() -> dict[str, str]:
     """Where the numbers come from: CPU count, platform, Python, torch and (if used) the GPU."""
     import torch

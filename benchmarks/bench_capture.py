@@ -31,7 +31,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from _record import record
+from _record import add_record_flag, record
 from transformers import OlmoeForCausalLM
 
 from moecollab.capture import capture_routing
@@ -79,8 +79,7 @@ def main() -> None:
         default=1,
         help="torch CPU threads (default 1: steadier timings on a shared machine)",
     )
-    parser.add_argument("--record", action="store_true",
-                        help="save the headline numbers for the book (benchmarks/results/)")
+    add_record_flag(parser)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

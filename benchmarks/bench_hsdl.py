@@ -17,7 +17,7 @@ import argparse
 import time
 import warnings
 
-from _record import record
+from _record import add_record_flag, record
 from sklearn.exceptions import ConvergenceWarning
 
 from moecollab.hsdl import HSDL, fit_flat_baseline, mean_l1_error
@@ -85,8 +85,7 @@ def scaling(sizes: list[tuple[int, int]]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under a minute)")
-    parser.add_argument("--record", action="store_true",
-                        help="save the headline numbers for the book (benchmarks/results/)")
+    add_record_flag(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
 

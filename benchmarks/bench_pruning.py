@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from _record import record
+from _record import add_record_flag, record
 from transformers import OlmoeForCausalLM
 
 from moecollab.models import build_model as build_embedded_model
@@ -55,8 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per mode")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--prune-ratio", type=float, default=0.5)
-    parser.add_argument("--record", action="store_true",
-                        help="save the headline numbers for the book (benchmarks/results/)")
+    add_record_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_experts, top_k = 32, 2

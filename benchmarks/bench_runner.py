@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _record import record
+from _record import add_record_flag, record
 
 from moecollab import runner
 from moecollab.stages import STAGE_NAMES
@@ -37,8 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="smoke", help="profile to run (default smoke)")
     parser.add_argument("--repeats", type=int, default=3, help="skip measurements per stage")
-    parser.add_argument("--record", action="store_true",
-                        help="save the headline numbers for the book (benchmarks/results/)")
+    add_record_flag(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 import torch
-from _record import record
+from _record import add_record_flag, record
 from scipy import sparse
 
 from moecollab import coactivation
@@ -159,8 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller token counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--record", action="store_true",
-                        help="save the headline numbers for the book (benchmarks/results/)")
+    add_record_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("moecollab.hsdl").setLevel(logging.ERROR)  # collapse warnings, see above
