@@ -1,0 +1,124 @@
+"""Tests of moecollab.scoring: SharedContextLM gives lm-eval's HFLM numbers, request by request.
+
+A tiny OLMoE and a byte-level BPE tokenizer; requests with shared contexts (one-token options),
+multi-token continuations, a context longer than the model's window, and whole local lm-eval
+tasks (multiple choice, one-word cloze, perplexity) compared document by document.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager, get_task_dict
+from tiny_models import VOCAB_SIZE, tiny_model
+
+from moecollab import evaluation
+from moecollab.models import train_tokenizer
+from moecollab.scoring import SharedContextLM
+
+WORDS = ["cell", "gene", "acid", "atom", "court", "judge", "tissue", "solvent", "statute"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    sentences = [f"The {a} and the {b} are studied." for a in WORDS for b in WORDS]
+    return train_tokenizer(sentences, VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_model("olmoe").eval()
+    torch.set_num_threads(threads)
+
+
+def _requests(tokenizer, max_length: int):
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    context = encode("The cell and the")
+    long_context = encode(" ".join(["The gene and the acid are studied."] * 40))
+    assert len(long_context) > max_length
+    requests = []
+    for word in WORDS:  # one-token options that share a context, as a cloze item's do
+        requests.append((("", ""), context, encode(f" {word}")[:1]))
+    for word in WORDS[:4]:  # multi-token continuations
+        requests.append((("", ""), context, encode(f" {word} are studied in a lab.")))
+    requests.append((("", ""), long_context, encode(" court")))
+    requests.append((("", ""), encode("The"), encode(" judge and the statute.")))
+    return requests
+
+
+def test_loglikelihoods_equal_hflm_request_by_request(model, tokenizer):
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64)
+    shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=3, max_length=64)
+    requests = _requests(tokenizer, max_length=64)
+    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    found = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(found) == len(expected)
+    np.testing.assert_allclose([value for value, _ in found],
+                               [value for value, _ in expected], rtol=0, atol=1e-4)
+    assert [greedy for _, greedy in found] == [greedy for _, greedy in expected]
+
+
+def test_each_distinct_input_runs_once(model, tokenizer, monkeypatch):
+    shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
+    rows = []
+    original = shared._score_batch
+
+    def counting(windows, n_scored):
+        rows.extend(windows)
+        return original(windows, n_scored)
+
+    monkeypatch.setattr(shared, "_score_batch", counting)
+    requests = _requests(tokenizer, max_length=shared.max_length)
+    shared._loglikelihood_tokens(requests, disable_tqdm=True)
+    # nine one-token options read one input; four multi-token ones, two singles: six more
+    assert len(rows) == len(set(rows)) == 1 + 4 + 2
+
+
+def _cloze_items() -> pd.DataFrame:
+    rows = []
+    for index, word in enumerate(WORDS):
+        others = [other for other in WORDS if other != word][index % 5:index % 5 + 3]
+        choices = [*others[:index % 4], word, *others[index % 4:]]
+        rows.append({"item_id": f"cloze-{index}", "domain": "biology", "split": "test",
+                     "term": word, "question": f"The {WORDS[index - 1]} and the",
+                     "choices": choices, "answer": index % 4, "entry_id": f"e{index}"})
+    return pd.DataFrame(rows)
+
+
+def test_whole_tasks_match_hflm_document_by_document(model, tokenizer, tmp_path):
+    items = _cloze_items()
+    evaluation.write_mcq_tasks(items, tmp_path, splits=("test",))
+    evaluation.write_perplexity_tasks(
+        {"biology": [f"The {a} and the {b} are studied."
+                     for a, b in zip(WORDS, WORDS[1:], strict=False)]},
+        tmp_path)
+    tasks = get_task_dict(["moecollab_mcq_test", "moecollab_ppl"],
+                          TaskManager(include_path=str(tmp_path), include_defaults=False))
+    outputs = {}
+    encodings: dict = {}
+    for name, language_model in (
+            ("hflm", HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8)),
+            ("shared", SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=8,
+                                       encodings=encodings))):
+        outputs[name] = evaluate(lm=language_model, task_dict=tasks, log_samples=True,
+                                 bootstrap_iters=0)
+    assert encodings  # the shared dictionary was filled
+    for task, samples in outputs["hflm"]["samples"].items():
+        ours = outputs["shared"]["samples"][task]
+        assert [s["doc_id"] for s in ours] == [s["doc_id"] for s in samples]
+        for theirs, mine in zip(samples, ours, strict=True):
+            for metric in ("acc", "acc_norm"):
+                assert theirs.get(metric) == mine.get(metric)
+            np.testing.assert_allclose(_loglikelihoods(mine), _loglikelihoods(theirs), atol=1e-4)
+
+
+def _loglikelihoods(sample) -> np.ndarray:
+    """A logged sample's log-likelihoods: one per choice, or the document's for perplexity."""
+    return np.array([response[0] if isinstance(response, (list, tuple)) else response
+                     for response in sample["filtered_resps"]], dtype=float)
