@@ -84,7 +84,7 @@ def test_two_process_capture_equals_one_process_capture(tmp_path):
 def test_two_process_hsdl_matches_one_process_within_tolerance(tmp_path):
     from moecollab.synthetic import make_planted_hierarchy
 
-    planted = make_planted_hierarchy(n_samples=1001, n_experts=48, random_state=0)
+    planted = make_planted_hierarchy(n_samples=1001, n_experts=96, random_state=0)
     np.save(tmp_path / "X.npy", planted.X.astype(np.float32))
     settings = dict(n_atoms=(6, 3), n_epochs=5, batch_size=100, n_init=1, random_state=0)
     torchrun(tmp_path, f"""
