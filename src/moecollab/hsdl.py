@@ -348,9 +348,8 @@ class HSDL(BaseEstimator):
     lr_halving_epochs : int, default=500
         The learning rate is halved every this many epochs (paper: 500).
     batch_size : int, default=256
-        Samples per mini-batch. Sparse ``X`` with rows of (nearly) equal length, as a
-        token-level routing trace has, stays sparse: level 0 is computed on each row's nonzeros
-        only (see `_batch_terms`); other sparse ``X`` is densified one mini-batch at a time.
+        Samples per mini-batch. Sparse ``X`` is densified one mini-batch at a time, on the
+        fit's device, from padded (column, value) arrays built once (see `_TrainingRows`).
     init : {"nmf", "random"}, default="nmf"
         ``"nmf"``: level 1 from scikit-learn NMF on (a subsample of at most 8,192 rows of) ``X``,
         level ``l+1`` from NMF of the level-``l`` dictionary; each atom is scaled to a maximum
