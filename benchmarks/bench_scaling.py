@@ -246,6 +246,8 @@ def main() -> None:
     sweep("triplets, old: list and sort", triplet_counts,
           lambda ids, weights: time_triplets(ids, PAPER_EXPERTS))
     census_name = f"triplets, new: exact census, {args.cores} threads"
+    time_census(synthetic_routing(64, PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K)[0],
+                PAPER_EXPERTS, args.cores)  # numba compiles (or loads its cache) untimed
     sweep(census_name, census_counts,
           lambda ids, weights: time_census(ids, PAPER_EXPERTS, args.cores))
     # Old and new HSDL epochs alternate on the same matrix, so load on the machine hits both.

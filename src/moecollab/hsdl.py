@@ -774,7 +774,9 @@ class _HSDLNetwork(torch.nn.Module):
         self.group = group  # torch.distributed group of a data-parallel fit, else None
 
         def parameter(values: np.ndarray) -> torch.nn.Parameter:
-            tensor = torch.as_tensor(np.asarray(values, dtype=np.float32), device=device)
+            # Contiguous on every rank: DDP checks that ranks' parameters have the same strides.
+            tensor = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32),
+                                     device=device)
             return torch.nn.Parameter(tensor.clone())
 
         self.thetas = torch.nn.ParameterList([parameter(theta) for theta, _, _ in initial])
