@@ -40,7 +40,8 @@ def machine() -> dict[str, str]:
     return description
 
 
-def record(name: str, title: str, rows: list[dict[str, str]], *, settings: str) -> Path:
+def record(name: str, title: str, rows: list[dict[str, str]], *, settings: str,
+           extra: dict | None = None) -> Path:
     """Save ``rows`` (each: measure, value and optionally target) as the result of ``name``.
 
     Parameters
@@ -49,6 +50,7 @@ def record(name: str, title: str, rows: list[dict[str, str]], *, settings: str) 
     title : one line saying what was compared
     rows : headline numbers, already formatted as text
     settings : sizes and repeats, one line
+    extra : further JSON fields (e.g. the measured series behind a plot)
     """
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -60,6 +62,7 @@ def record(name: str, title: str, rows: list[dict[str, str]], *, settings: str) 
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "rows": rows,
+        **(extra or {}),
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"recorded in {path.relative_to(RESULTS.parent.parent)}")

@@ -36,8 +36,9 @@ from scipy import sparse
 
 from moecollab import coactivation
 from moecollab.capture import capture_routing
-from moecollab.hsdl import HSDL
+from moecollab.hsdl import HSDL, _forward, hsdl_loss
 from moecollab.models import build_model, embedded_config
+from moecollab.triplet_counts import triplet_census
 
 PAPER_TOKENS = 604_000
 PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K = 27, 64, 6
@@ -93,8 +94,51 @@ def time_coactivation(ids: np.ndarray, n_experts: int) -> float:
 
 
 def time_triplets(ids: np.ndarray, n_experts: int) -> float:
-    return timed(lambda: coactivation.top_triplets(ids, n=20, n_experts=n_experts,
+    """The old way: list every cross-layer triplet with NumPy, then sort (what top_triplets did
+    before the census; ``n=None`` still takes this path)."""
+    return timed(lambda: coactivation.top_triplets(ids, n=None, n_experts=n_experts,
                                                    min_count=10))
+
+
+def time_census(ids: np.ndarray, n_experts: int, threads: int) -> float:
+    """The new way: the exact census of all triplets (what coverage needs) plus the top 20."""
+    return timed(lambda: triplet_census(ids, n_experts=n_experts, n_top=20, n_jobs=threads))
+
+
+def time_old_hsdl_epoch(X: sparse.csr_array, batch_size: int = 512) -> float:
+    """One epoch of the previous training loop (SciPy row selection and ``toarray`` per batch,
+    `hsdl_loss` on the dense batch), from random parameters of the default sizes: the same
+    arithmetic as `HSDL`'s loop, kept here to measure the two side by side."""
+    X = sparse.csr_matrix(X, dtype=np.float32)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(32, X.shape[1]), (16, X.shape[1])]
+    thetas = [torch.randn(*shape, generator=generator).requires_grad_() for shape in shapes]
+    weights = [(0.01 * torch.randn(*shape, generator=generator)).requires_grad_()
+               for shape in shapes]
+    biases = [torch.zeros(shape[0]).requires_grad_() for shape in shapes]
+    optimizer = torch.optim.Adam([*thetas, *weights, *biases], lr=2e-3)
+
+    def epoch():
+        order = torch.randperm(X.shape[0], generator=generator)
+        for begin in range(0, X.shape[0], batch_size):
+            ids = torch.sort(order[begin:begin + batch_size]).values
+            batch = torch.as_tensor(X[ids.numpy()].toarray())
+            dictionaries, codes = _forward(batch, thetas, weights, biases)
+            terms = hsdl_loss(batch, dictionaries, codes, lambda_sparse=1e-3,
+                              lambda_codes=0.02)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimizer.step()
+            float(terms["total"].detach())
+    return timed(epoch)
+
+
+def time_new_hsdl_epoch(X: sparse.csr_array, threads: int) -> float:
+    """One epoch of `HSDL` (random start, default sizes): a 3-epoch fit minus a 1-epoch fit."""
+    def fit(n_epochs):
+        return timed(lambda: HSDL(n_atoms=(32, 16), n_epochs=n_epochs, batch_size=512,
+                                  init="random", random_state=0, n_jobs=threads).fit(X))
+    return max((fit(3) - fit(1)) / 2, 0.0)
 
 
 def time_hsdl(X: sparse.csr_array) -> tuple[float, float]:
@@ -155,19 +199,31 @@ def human(seconds: float) -> str:
     return f"{seconds / 86400:.0f} days"
 
 
+def time_nmf_start(X: sparse.csr_array) -> float:
+    """The NMF start of a default fit (atoms 32 and 16, three NMF runs per level) on ``X``'s
+    first 8,192 rows: the most it ever sees, so its cost does not grow with the corpus."""
+    model = HSDL(n_atoms=(32, 16), n_init=3, random_state=0)
+    subsample = sparse.csr_matrix(X[:8192], dtype=np.float32)
+    return timed(lambda: model._initial_values(subsample, np.random.RandomState(0),
+                                               torch.Generator().manual_seed(0)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller token counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--cores", type=int, default=2,
+                        help="threads of the new triplet census and the 2-core HSDL figure")
     add_record_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("moecollab.hsdl").setLevel(logging.ERROR)  # collapse warnings, see above
     coactivation_counts = [2000, 8000] if args.quick else [4000, 16000, 64000]
-    hsdl_counts = [500, 1000] if args.quick else [2000, 4000, 8000]
-    # Triplets are counted per token over C(27 * 6, 3) = 695k combinations (measured: about
-    # two minutes for 500 tokens), so they are timed on a few hundred tokens only.
+    hsdl_counts = [1000, 2000] if args.quick else [2000, 8000]
+    # The old listing enumerates C(27 * 6, 3) = 695k triplets per token with NumPy (about two
+    # minutes for 500 tokens), so it is timed on a few hundred tokens only.
     triplet_counts = [25, 50] if args.quick else [100, 200]
+    census_counts = [2000, 4000] if args.quick else [10000, 30000]
 
     print(f"synthetic routing: {PAPER_LAYERS} layers x {PAPER_EXPERTS} experts, "
           f"top-{PAPER_TOP_K} ({PAPER_LAYERS * PAPER_EXPERTS} columns); "
@@ -179,31 +235,53 @@ def main() -> None:
         for n_tokens in counts:
             ids, weights = synthetic_routing(n_tokens, PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K)
             seconds.append(measure(ids, weights))
-            print(f"  {name:<40}{n_tokens:>8} tokens {seconds[-1]:>9.3f} s")
+            print(f"  {name:<46}{n_tokens:>8} tokens {seconds[-1]:>9.3f} s", flush=True)
         measured[name] = (counts, seconds)
+
+    def matrix(ids, weights):
+        return weight_matrix(ids, weights, PAPER_EXPERTS)
 
     sweep("co-activation (lift, null, top pairs)", coactivation_counts,
           lambda ids, weights: time_coactivation(ids, PAPER_EXPERTS))
-    sweep("top triplets", triplet_counts, lambda ids, weights: time_triplets(ids, PAPER_EXPERTS))
-    hsdl_parts: list[tuple[float, float]] = []
-    sweep("HSDL epoch (atoms 32, 16)", hsdl_counts,
-          lambda ids, weights: hsdl_parts.append(time_hsdl(
-              weight_matrix(ids, weights, PAPER_EXPERTS))) or hsdl_parts[-1][0])
-    measured["HSDL NMF start"] = (hsdl_counts, [start for _, start in hsdl_parts])
-    print("  HSDL NMF start: " + ", ".join(
-        f"{n} tokens {s:.2f} s" for n, s in zip(*measured["HSDL NMF start"], strict=True)))
+    sweep("triplets, old: list and sort", triplet_counts,
+          lambda ids, weights: time_triplets(ids, PAPER_EXPERTS))
+    census_name = f"triplets, new: exact census, {args.cores} threads"
+    time_census(synthetic_routing(64, PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K)[0],
+                PAPER_EXPERTS, args.cores)  # numba compiles (or loads its cache) untimed
+    sweep(census_name, census_counts,
+          lambda ids, weights: time_census(ids, PAPER_EXPERTS, args.cores))
+    # Old and new HSDL epochs alternate on the same matrix, so load on the machine hits both.
+    hsdl_names = ("HSDL epoch, old loop, 1 thread", "HSDL epoch, new, 1 thread",
+                  f"HSDL epoch, new, {args.cores} threads")
+    hsdl_seconds: dict[str, list[float]] = {name: [] for name in hsdl_names}
+    for n_tokens in hsdl_counts:
+        X = matrix(*synthetic_routing(n_tokens, PAPER_LAYERS, PAPER_EXPERTS, PAPER_TOP_K))
+        time_new_hsdl_epoch(X[:1024], 1)  # warm up torch once before timing
+        for name, (measure, threads) in zip(hsdl_names, (
+                (time_old_hsdl_epoch, None), (time_new_hsdl_epoch, 1),
+                (time_new_hsdl_epoch, args.cores)), strict=True):
+            hsdl_seconds[name].append(measure(X) if threads is None else measure(X, threads))
+            print(f"  {name:<46}{n_tokens:>8} tokens {hsdl_seconds[name][-1]:>9.3f} s",
+                  flush=True)
+        torch.set_num_threads(args.threads)
+    for name in hsdl_names:
+        measured[name] = (hsdl_counts, hsdl_seconds[name])
+    nmf_seconds = time_nmf_start(matrix(*synthetic_routing(8192, PAPER_LAYERS, PAPER_EXPERTS,
+                                                           PAPER_TOP_K)))
+    print(f"  HSDL NMF start (8,192 rows, the most it reads): {nmf_seconds:.1f} s")
 
     print(f"\nexperts per layer at {coactivation_counts[0]} tokens ({PAPER_LAYERS} layers, "
-          f"top-{PAPER_TOP_K}): co-activation seconds")
+          f"top-{PAPER_TOP_K}): co-activation and census seconds")
     expert_counts = [16, 32, 64]
-    by_experts = []
+    by_experts: dict[str, list[float]] = {"co-activation": [], "triplet census": []}
     for n_experts in expert_counts:
         ids, _ = synthetic_routing(coactivation_counts[0], PAPER_LAYERS, n_experts, PAPER_TOP_K)
-        by_experts.append(time_coactivation(ids, n_experts))
+        by_experts["co-activation"].append(time_coactivation(ids, n_experts))
+        by_experts["triplet census"].append(time_census(ids, n_experts, args.cores))
         print(f"  {n_experts:>3} experts ({PAPER_LAYERS * n_experts:>5} columns): "
-              f"{by_experts[-1]:.2f} s")
-    expert_exponent = growth_exponent(expert_counts, by_experts)
-    print(f"  from 32 to 64 experts the time grows as experts^{expert_exponent:.2f}")
+              + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in by_experts.items()), flush=True)
+    expert_exponent = growth_exponent(expert_counts, by_experts["co-activation"])
+    census_exponent = growth_exponent(expert_counts, by_experts["triplet census"])
 
     print("\ncapture of the embedded architecture (4 layers, hidden 256), random tokens:")
     capture_rows = []
@@ -222,39 +300,50 @@ def main() -> None:
         fixed, per_token = fits[name]
         return fixed + per_token * n_tokens
 
-    hsdl_rows = min(HSDL_ROWS_DEFAULT, PAPER_TOKENS)
+    def hsdl_total(name: str, n_rows: int) -> float:
+        return HSDL_EPOCHS_DEFAULT * at(name, n_rows) + nmf_seconds
+
+    old_hsdl, new_hsdl, cores_hsdl = hsdl_names
+    rows_40k = min(HSDL_ROWS_DEFAULT, PAPER_TOKENS)
     results = [
-        ("co-activation (lift, null, top pairs)", at("co-activation (lift, null, top pairs)",
-                                                     PAPER_TOKENS)),
-        ("top triplets, all cross-layer triplets", at("top triplets", PAPER_TOKENS)),
-        (f"HSDL, stage 03's subsample of {hsdl_rows:,} rows x {HSDL_EPOCHS_DEFAULT} epochs",
-         HSDL_EPOCHS_DEFAULT * at("HSDL epoch (atoms 32, 16)", hsdl_rows)
-         + at("HSDL NMF start", hsdl_rows)),
-        (f"HSDL on all {PAPER_TOKENS:,} rows x {HSDL_EPOCHS_DEFAULT} epochs",
-         HSDL_EPOCHS_DEFAULT * at("HSDL epoch (atoms 32, 16)", PAPER_TOKENS)
-         + at("HSDL NMF start", PAPER_TOKENS)),
+        ("co-activation (lift, null, top pairs)",
+         at("co-activation (lift, null, top pairs)", PAPER_TOKENS), None),
+        ("all triplets (coverage, Eq. 8 and top 20)", at(census_name, PAPER_TOKENS),
+         at("triplets, old: list and sort", PAPER_TOKENS)),
+        (f"HSDL, {rows_40k:,}-row subsample x {HSDL_EPOCHS_DEFAULT} epochs, 1 thread",
+         hsdl_total(new_hsdl, rows_40k), hsdl_total(old_hsdl, rows_40k)),
+        (f"HSDL on all {PAPER_TOKENS:,} rows x {HSDL_EPOCHS_DEFAULT} epochs, 1 thread",
+         hsdl_total(new_hsdl, PAPER_TOKENS), hsdl_total(old_hsdl, PAPER_TOKENS)),
+        (f"HSDL on all {PAPER_TOKENS:,} rows x {HSDL_EPOCHS_DEFAULT} epochs, {args.cores} "
+         "threads", hsdl_total(cores_hsdl, PAPER_TOKENS), None),
+        (f"HSDL on all {PAPER_TOKENS:,} rows x 2,000 epochs (the paper's), {args.cores} "
+         "threads", 2000 * at(cores_hsdl, PAPER_TOKENS) + nmf_seconds, None),
     ]
     exponents = {name: growth_exponent(*values) for name, values in measured.items()}
     bytes_per_token = PAPER_LAYERS * PAPER_TOP_K * (2 + 4)  # int16 ids + float32 weights
     dense_per_token = PAPER_LAYERS * PAPER_EXPERTS * 4
     print(f"\nextrapolated to the paper's {PAPER_TOKENS:,} tokens x "
-          f"{PAPER_LAYERS * PAPER_EXPERTS:,} experts (seconds = fixed + per token x tokens; "
-          "b = measured growth exponent between the two largest sizes)")
-    for (label, seconds), name in zip(results, ["co-activation (lift, null, top pairs)",
-                                                "top triplets", "HSDL epoch (atoms 32, 16)",
-                                                "HSDL epoch (atoms 32, 16)"], strict=True):
-        print(f"  {label:<62} b={exponents[name]:.2f}  {human(seconds)}")
-    print(f"  trace: {bytes_per_token} bytes a token sparse vs {dense_per_token:,} dense "
-          f"(x{dense_per_token / bytes_per_token:.1f}); {PAPER_TOKENS * bytes_per_token / 1e9:.2f}"
-          f" GB vs {PAPER_TOKENS * dense_per_token / 1e9:.2f} GB")
+          f"{PAPER_LAYERS * PAPER_EXPERTS:,} experts (seconds = fixed + per token x tokens)")
+    for label, seconds, old in results:
+        print(f"  {label:<72} {human(seconds):>10}"
+              + (f"   (old: {human(old)}, x{old / max(seconds, 1e-9):.1f})" if old else ""))
+    print("  growth exponents between the two largest sizes: " + ", ".join(
+        f"{name} {value:.2f}" for name, value in exponents.items()))
 
     if args.record:
-        record_rows = [{"measure": f"{label}: time at 604k tokens", "value": human(seconds),
-                        "target": ""} for label, seconds in results]
+        record_rows = [{"measure": f"{label}: time at 604k tokens",
+                        "value": human(seconds) if old is None else
+                        f"{human(seconds)} (old {human(old)}, x{old / max(seconds, 1e-9):.0f})",
+                        "target": "<= 10 min on 2 cores" if "triplets" in label or (
+                            "all" in label and "60 epochs" in label and "threads" in label)
+                        else ""} for label, seconds, old in results]
         record_rows += [
-            {"measure": f"co-activation time vs experts per layer (32 to 64, "
-                        f"{coactivation_counts[0]} tokens)",
-             "value": f"experts^{expert_exponent:.2f}", "target": ""},
+            {"measure": "HSDL, 2,000 epochs on one GPU",
+             "value": "not measured (no GPU on the machine that ran this)",
+             "target": "<= 5 min"},
+            {"measure": f"time vs experts per layer (32 to 64, {coactivation_counts[0]} tokens)",
+             "value": f"co-activation experts^{expert_exponent:.2f}, "
+                      f"triplet census experts^{census_exponent:.2f}", "target": ""},
             {"measure": "capture / forward, worst of 16 or 64 experts and 2k or 8k tokens "
                         "(embedded architecture)",
              "value": f"{capture_ratio:.2f}", "target": "<= 1.05"},
@@ -262,11 +351,49 @@ def main() -> None:
              "value": f"{PAPER_TOKENS * bytes_per_token / 1e9:.2f} GB vs "
                       f"{PAPER_TOKENS * dense_per_token / 1e9:.2f} GB", "target": ""},
         ]
-        record("scaling", "Measured growth at the paper's 27 x 64 experts, top-6, "
-               "extrapolated to 604k tokens", record_rows,
-               settings=f"synthetic routing; co-activation at {coactivation_counts} tokens, "
-                        f"triplets at {triplet_counts}, HSDL at {hsdl_counts}; "
-                        f"{args.threads} torch thread(s); linear fit per step")
+        series = {name: {"tokens": counts, "seconds": seconds, "fit": list(fits[name])}
+                  for name, (counts, seconds) in measured.items()}
+        series["experts"] = {"experts_per_layer": expert_counts, **by_experts}
+        series["nmf_start_seconds"] = nmf_seconds
+        path = record("scaling", "Measured growth at the paper's 27 x 64 experts, top-6, "
+                      "extrapolated to 604k tokens (old and new side by side)", record_rows,
+                      settings=f"synthetic routing; co-activation at {coactivation_counts} "
+                               f"tokens, old triplets at {triplet_counts}, census at "
+                               f"{census_counts}, HSDL at {hsdl_counts}; {args.threads} torch "
+                               f"thread(s) unless stated; linear fit per step; a shared "
+                               f"2-core machine", extra={"series": series})
+        scaling_plot(series, path.with_suffix(".png"))
+
+
+def scaling_plot(series: dict, path) -> None:
+    """Seconds against tokens per step, measured points and the fitted lines to 604k, with the
+    paper's budget (the 604k tokens, and 10 minutes) marked; saved as a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = np.logspace(2, np.log10(PAPER_TOKENS * 1.5), 60)
+    figure, axis = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    for name, values in series.items():
+        if not isinstance(values, dict) or "fit" not in values:
+            continue
+        fixed, per_token = values["fit"]
+        line, = axis.plot(tokens, fixed + per_token * tokens, lw=1.2, label=name)
+        axis.scatter(values["tokens"], values["seconds"], color=line.get_color(), s=14)
+    axis.axvline(PAPER_TOKENS, color="black", ls="--", lw=0.8)
+    axis.axhline(600, color="grey", ls=":", lw=0.8)
+    axis.text(PAPER_TOKENS, axis.get_ylim()[0] if False else 1e-2, " paper: 604k tokens",
+              fontsize=7, rotation=90, va="bottom")
+    axis.text(150, 600, "10 min", fontsize=7, va="bottom")
+    axis.set(xscale="log", yscale="log", xlabel="tokens", ylabel="seconds (one step)",
+             title="Cost of each step at 27 x 64 experts, top-6 (an HSDL line is one epoch)",
+             ylim=(1e-2, None))
+    axis.legend(fontsize=6.5, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    print(f"plot in {path}")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,12 @@ def test_benchmark_help_runs_without_the_heavy_work():
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "--record" in result.stdout
+
+
+def test_scaling_plot_is_shown_when_the_benchmark_drew_it(tmp_path):
+    root, profile = fake_project(tmp_path)
+    (root / "benchmarks" / "results" / "scaling.png").write_bytes(b"\x89PNG fake")
+    texts = {path.name: path.read_text()
+             for path in appendix.write_appendix_parts(root, profile)}
+    assert "```{figure} generated/scaling.png" in texts["scaling.md"]
+    assert (root / "book" / "generated" / "scaling.png").read_bytes() == b"\x89PNG fake"

@@ -15,6 +15,7 @@ Nothing here measures anything; it only formats what the benchmarks and stages r
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,8 @@ def write_appendix_parts(root: Path, profile_folder: Path) -> list[Path]:
     parts = {
         "benchmarks.md": benchmark_tables([results[name] for name in BENCHMARK_ORDER
                                            if name in results]),
-        "scaling.md": benchmark_tables([results["scaling"]] if "scaling" in results else []),
+        "scaling.md": benchmark_tables([results["scaling"]] if "scaling" in results else [])
+        + scaling_figure(root / "benchmarks" / "results" / "scaling.png", folder),
         "run_record.md": run_record(profile_folder),
     }
     written = []
@@ -42,6 +44,21 @@ def write_appendix_parts(root: Path, profile_folder: Path) -> list[Path]:
         path.write_text(text)
         written.append(path)
     return written
+
+
+def scaling_figure(image: Path, folder: Path) -> str:
+    """Markdown for the scaling plot (copied beside the generated page), or nothing.
+
+    ``benchmarks/bench_scaling.py --record`` draws it from the points it measured: seconds of
+    each step against tokens, the fitted lines to 604k tokens, and the paper's budget marked.
+    """
+    if not image.is_file():
+        return ""
+    shutil.copyfile(image, folder / image.name)
+    return (f"\n```{{figure}} generated/{image.name}\n:name: fig-scaling\n\n"
+            "Seconds of each step against tokens at the paper's 27 x 64 experts, top-6: "
+            "measured points and the fitted lines extrapolated to the paper's 604k tokens "
+            "(dashed); the dotted line is 10 minutes.\n```\n")
 
 
 def _load_results(folder: Path) -> dict[str, dict[str, Any]]:

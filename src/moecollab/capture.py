@@ -894,6 +894,7 @@ def capture_routing(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     return_trace: bool = True,
+    first_sequence_index: int = 0,
 ) -> RoutingTrace | None:
     """Run a MoE model over batches and record every token's routing in every MoE layer.
 
@@ -932,6 +933,9 @@ def capture_routing(
     return_trace : bool
         With ``out_dir``: load and return the written trace (False returns None, for corpora
         larger than memory). Without ``out_dir`` the trace is always returned.
+    first_sequence_index : int
+        ``sequence_index`` of the first sequence (a share of a larger capture, see
+        :func:`moecollab.distributed.capture_routing_sharded`).
 
     Returns
     -------
@@ -996,7 +1000,7 @@ def capture_routing(
         pass
 
     n_total_tokens = 0
-    n_sequences = 0
+    n_sequences = int(first_sequence_index)
     was_training = model.training
     model.eval()
     total = len(batches) if isinstance(batches, Sized) else None
@@ -1054,7 +1058,7 @@ def capture_routing(
     logger.info(
         "captured %d tokens from %d sequences over %d MoE layers of %s",
         n_total_tokens,
-        n_sequences,
+        n_sequences - int(first_sequence_index),
         len(architecture.moe_layers),
         architecture.model_class,
     )

@@ -39,6 +39,7 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 from moecollab import routing_health
+from moecollab.triplet_counts import triplet_census
 
 if TYPE_CHECKING:  # only for annotations: capture imports torch
     from moecollab.capture import RoutingTrace
@@ -790,8 +791,10 @@ def triplet_ranking(
     experts, top-4 (24 active, 2,024 triplets per token), about 3 s for all triplets and 1.5 s
     for cross-layer ones (1,280 per token), in memory bounded by the chunk size. With more than
     about 256 columns the tally switches from ``bincount`` to ``unique`` (about 6× slower).
-    For large models (DeepSeek-MoE: 162 active, 695k triplets per token) restrict to
-    ``cross_layer_only``, raise ``min_expert_frequency`` or subsample tokens.
+    For large models (DeepSeek-MoE: 162 active, 695k triplets per token, 8.6e8 distinct
+    triplets) the list itself does not fit in memory: use
+    :func:`moecollab.triplet_counts.triplet_census`, which gives the same ranking's length,
+    counts, top entries and any triplet's position exactly without listing it.
 
     Parameters
     ----------
@@ -836,6 +839,7 @@ def top_triplets(
     cross_layer_only: bool = True,
     min_count: int = 1,
     min_expert_frequency: float = 0.0,
+    n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """The most frequently co-activated expert triplets, with their probability and lift.
 
@@ -852,6 +856,10 @@ def top_triplets(
         Keep only triplets from three different layers (default).
     min_count, min_expert_frequency
         As in :func:`triplet_ranking`.
+    n_jobs : int or None
+        Threads for counting (None: one; -1: every core). With ``n`` given the triplets are
+        counted by :func:`moecollab.triplet_counts.triplet_census`, which keeps only the best
+        ``n`` (minutes at the paper's scale); ``n=None`` lists and sorts every triplet.
 
     Returns
     -------
@@ -869,9 +877,17 @@ def top_triplets(
     """
     if n is not None and (not isinstance(n, int | np.integer) or n < 1):
         raise ValueError(f"n must be a positive int or None; got {n!r}")
-    matrix, _, triplets, counts = _ranked_triplets(
-        expert_ids_or_selected, n_experts, cross_layer_only, min_count, min_expert_frequency
-    )
+    if n is None:
+        matrix, _, triplets, counts = _ranked_triplets(
+            expert_ids_or_selected, n_experts, cross_layer_only, min_count, min_expert_frequency
+        )
+    else:
+        # The first n of the ranking without listing it (exact; see moecollab.triplet_counts).
+        matrix, _ = _selection_from_any(expert_ids_or_selected, n_experts)
+        census = triplet_census(matrix, n_experts=n_experts, cross_layer_only=cross_layer_only,
+                                min_count=min_count, min_expert_frequency=min_expert_frequency,
+                                n_top=int(n), n_jobs=n_jobs)
+        triplets, counts = census.top_triplets, census.top_counts
     layer_of, expert_of = _column_layout(n_experts, matrix.shape[1])
     triplets, counts = triplets[:n], counts[:n]
     own = np.asarray(matrix.sum(axis=0)).ravel().astype(float)

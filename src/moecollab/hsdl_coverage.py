@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from moecollab.coactivation import pair_ranking, triplet_ranking
+from moecollab.triplet_counts import TripletCensus
 
 __all__ = [
     "atom_top_experts",
@@ -111,15 +112,22 @@ def ranked_coactivation_triplets(selected, **options) -> tuple[list[tuple[int, i
     return triplet_ranking(selected, **options)
 
 
-def coverage_curve(atoms_top_sets: Sequence[Sequence[int]], ranked_sets: Sequence[Sequence[int]],
+def coverage_curve(atoms_top_sets: Sequence[Sequence[int]],
+                   ranked_sets: Sequence[Sequence[int]] | TripletCensus,
                    fractions: Sequence[float]) -> np.ndarray:
     """:func:`coverage_at` at each of ``fractions`` (ranks are looked up once).
+
+    ``ranked_sets`` is the ranking as a list, or a
+    :class:`~moecollab.triplet_counts.TripletCensus` of it (the same numbers without listing
+    the triplets; what stage 03 uses at scale).
 
     Examples
     --------
     >>> coverage_curve([(0, 1), (2, 3)], [(0, 1), (1, 2), (2, 3)], [0.34, 1.0]).tolist()
     [0.5, 1.0]
     """
+    if isinstance(ranked_sets, TripletCensus):
+        return ranked_sets.coverage_curve(atoms_top_sets, fractions)
     rank = {tuple(sorted(s)): position for position, s in enumerate(ranked_sets)}
     positions = np.array([rank.get(tuple(sorted(s)), np.inf) for s in atoms_top_sets])
     if len(positions) == 0:
