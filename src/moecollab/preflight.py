@@ -75,7 +75,11 @@ def model_shape(model_settings: dict[str, Any]) -> tuple[int, int] | None:
     config = read_model_config(source)
     if config is None or "kept_experts" in config:
         return None
+    from . import deepseek_v1
     from .moe_arch import SUPPORTED_FAMILIES  # torch: only when a checkpoint is named
+
+    if deepseek_v1.is_deepseek_v1(config):
+        return deepseek_v1.shape(config)
 
     family = SUPPORTED_FAMILIES[config["model_type"]]
     n_experts = next((config[key] for key in family.n_experts_keys if key in config), None)
@@ -109,13 +113,20 @@ def read_model_config(source: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         raise ParameterError(f"model {str(source)!r}: config.json is not valid JSON "
                              f"({error})") from None
+    from . import deepseek_v1
     from .moe_arch import SUPPORTED_FAMILIES  # torch: only when a checkpoint is named
 
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
+    if deepseek_v1.is_deepseek_v1(config):  # converted to a native class when loaded
+        try:
+            deepseek_v1.check_convertible(config, f"model {str(source)!r}")
+        except deepseek_v1.ConversionError as error:
+            raise ParameterError(str(error)) from None
+    elif model_type not in SUPPORTED_FAMILIES:
         raise ParameterError(
             f"model {str(source)!r} has model_type {model_type!r}, which has no router "
-            f"moecollab can read; supported: {', '.join(SUPPORTED_FAMILIES)}")
+            f"moecollab can read; supported: {', '.join(SUPPORTED_FAMILIES)}, and "
+            f"{deepseek_v1.MODEL_TYPE} (converted to qwen2_moe)")
     return config
 
 
@@ -160,6 +171,23 @@ def check_hub_reachable(name: str) -> Path | None:
             f"model {name!r} is not a folder here and the hub is offline (HF_HUB_OFFLINE=1); "
             "give a local checkpoint folder, or set HF_HUB_OFFLINE=0 to download a hub id")
     return None
+
+
+def hub_config(name: str) -> dict[str, Any] | None:
+    """The ``config.json`` of hub id ``name``: from the cache, else downloaded (that file
+    only) when the hub is reachable; None if it cannot be had (loading then says why)."""
+    cached = check_hub_reachable(name)
+    if cached is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cached = Path(hf_hub_download(name, "config.json"))
+        except Exception:  # not on the hub, gated, no network: from_pretrained reports it
+            return None
+    try:
+        return json.loads(Path(cached).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _largest_ratio(n_experts: int, top_k: int) -> float:
