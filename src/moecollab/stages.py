@@ -13,6 +13,7 @@ from typing import Any
 
 from .data.corpus import DOMAINS
 from .data.paper import FIELDS as PAPER_FIELDS
+from .data.sources import DATA_SOURCES
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
 # Stage 01 reads the embedded corpus's fields or the paper's (moecollab.data.paper.FIELDS);
 # which set applies depends on data_source, checked across parameters in moecollab.preflight.
 ANY_FIELD = Check(choices=tuple(dict.fromkeys(DOMAINS + PAPER_FIELDS)), each=True)
-DATA_SOURCE = Check(choices=("embedded", "paper"))
+DATA_SOURCE = Check(choices=DATA_SOURCES)
 # Loading a pretrained checkpoint (moecollab.models.DTYPES and DEVICE_MAPS; a test checks).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")

@@ -49,7 +49,13 @@ _SOURCES = (f"https://huggingface.co/{HUB_REPO}/resolve/main/{{name}}", _GITHUB_
 
 
 def git_blob_sha1(data: bytes) -> str:
-    """The id git (and the hub) give a file's content."""
+    """The id git (and the hub) give a file's content.
+
+    Examples
+    --------
+    >>> git_blob_sha1(b"hello\\n")  # git hash-object of a file holding "hello" and a newline
+    'ce013625030ba8dba906f756967f9e9ca394464a'
+    """
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
