@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: help install study smoke test book pdf lint bench clean
+.PHONY: help install study smoke test book pdf lint bench reference clean
 TEX_PACKAGES := texlive-xetex latexmk texlive-latex-extra texlive-fonts-recommended \
                 fonts-freefont-otf texlive-plain-generic poppler-utils
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -52,6 +52,10 @@ lint: $(STAMP)  ## ruff only
 
 bench: $(STAMP)  ## benchmarks that print ratios side by side; records them for the book's appendix
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script --record || exit 1; done
+
+reference: $(STAMP)  ## DeepSeek-MoE's own code (transformers 4.x side venv in .reference/) vs its conversion
+	$(PY) tests/reference/side_env.py
+	$(PY) -m pytest -m slow tests/test_deepseek_v1.py
 
 clean:  ## remove the book build (artifacts and .venv are kept)
 	rm -rf _build book/notebooks

@@ -1,18 +1,20 @@
 """The real-checkpoint profiles, run end to end on tiny random models of the same classes.
 
-Every profile in :data:`REAL_PROFILES` names a hub checkpoint that needs a GPU and hub access.
-Here each is checked two ways without either:
+Every profile in :data:`REAL_PROFILES` names a hub checkpoint (most need a GPU, all need hub
+access). Here each is checked two ways without either:
 
-- fast: the profile resolves against the notebooks and sets the paper's sizes (128 sequences of
-  2,048 tokens for capture and calibration, bf16, ``device_map: auto``, the paper's tasks);
+- fast: the profile resolves against the notebooks with its intended sizes (for GPU profiles the
+  paper's 128 sequences of 2,048 tokens for calibration, bf16, ``device_map: auto``, the paper's
+  tasks; for the laptop profile a CPU in float32) and its data source;
 - end to end: the profile runs through the real runner, stage 00 to 06, with its checkpoint
   swapped for a tiny randomly initialised model of the checkpoint's transformers class (saved
-  as safetensors with a tokenizer, like a hub download) and overrides that shrink every size.
+  as safetensors with a tokenizer, like a hub download), the paper's datasets swapped for tiny
+  local Parquet copies with their real columns, and overrides that shrink every size.
 
-DeepSeek-MoE-16B is the exception: its class is custom code on the hub (it cannot be fetched
-here, and it does not import with transformers 5). Its run exercises the ``trust_remote_code``
-path instead, with a tiny custom-code model (a DeepSeek-V2 subclass shipped beside the weights,
-first layer dense, two shared experts).
+DeepSeek-MoE-16B's stand-in is a tiny checkpoint in DeepSeek's own layout (``model_type:
+deepseek``, no code beside it): stage 00 converts it to ``Qwen2MoeForCausalLM``, as it would
+convert the real one (``moecollab.deepseek_v1``, tested against the original code in
+``tests/test_deepseek_v1.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from tiny_models import save_tiny_checkpoint
+from tiny_datasets import write_tiny_paper_data
+from tiny_models import save_tiny_checkpoint, save_tiny_deepseek_v1
 
-from moecollab import artifacts, runner
+from moecollab import artifacts, deepseek_v1, runner
+from moecollab.capture import RoutingTrace
+from moecollab.data import paper
 from moecollab.stages import STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,24 +43,36 @@ PAPER_TOKENS = 128 * 2048
 class RealProfile:
     hub_id: str
     family: str                    # config.model_type of the checkpoint
-    model_class: str               # the transformers class that loads it
-    custom_code: bool = False      # the checkpoint's class ships as code on the hub
+    model_class: str               # the transformers class that loads it (after conversion)
+    gpu: bool = True               # sized for CUDA GPUs (else: a laptop CPU)
+    paper_data: bool = False       # captures, calibrates and evaluates on MMLU-Pro / MMLU
     tiny: dict[str, Any] = field(default_factory=dict)   # config keys of the stand-in
 
 
 REAL_PROFILES = {
     "olmoe-1b-7b": RealProfile("allenai/OLMoE-1B-7B-0924", "olmoe", "OlmoeForCausalLM",
                                tiny={"norm_topk_prob": False}),
-    "deepseek-moe-16b": RealProfile(
-        "deepseek-ai/deepseek-moe-16b-base", "deepseek", "DeepseekForCausalLM",
-        custom_code=True, tiny={"first_k_dense_replace": 1, "n_shared_experts": 2}),
+    # Converted once from DeepSeek's own layout (model_type deepseek) to a native class.
+    "deepseek-moe-16b": RealProfile("deepseek-ai/deepseek-moe-16b-base", "deepseek",
+                                    "Qwen2MoeForCausalLM", paper_data=True),
     # config.json says PhiMoEForCausalLM (its old custom code); transformers' native class loads it.
-    "phi-3.5-moe": RealProfile("microsoft/Phi-3.5-MoE-instruct", "phimoe", "PhimoeForCausalLM"),
+    "phi-3.5-moe": RealProfile("microsoft/Phi-3.5-MoE-instruct", "phimoe", "PhimoeForCausalLM",
+                               paper_data=True),
+    # SlimMoE: Phi-3.5-MoE's experts and attention slimmed (head_dim no longer hidden/heads).
+    "phi-mini-moe": RealProfile("microsoft/Phi-mini-MoE-instruct", "phimoe",
+                                "PhimoeForCausalLM",
+                                tiny={"head_dim": 8, "attention_bias": True,
+                                      "lm_head_bias": True}),
     "qwen1.5-moe": RealProfile("Qwen/Qwen1.5-MoE-A2.7B", "qwen2_moe", "Qwen2MoeForCausalLM",
                                tiny={"norm_topk_prob": False}),
     "mixtral-8x7b": RealProfile("mistralai/Mixtral-8x7B-v0.1", "mixtral", "MixtralForCausalLM"),
     "qwen3-moe": RealProfile("Qwen/Qwen3-30B-A3B", "qwen3_moe", "Qwen3MoeForCausalLM",
                              tiny={"norm_topk_prob": True}),
+    "granite-1b-a400m": RealProfile(
+        "ibm-granite/granite-3.0-1b-a400m-base", "granitemoe", "GraniteMoeForCausalLM",
+        gpu=False, tiny={"embedding_multiplier": 12.0, "logits_scaling": 6.0,
+                         "residual_multiplier": 0.22, "attention_multiplier": 0.015625,
+                         "tie_word_embeddings": True}),
 }
 
 # The smoke profile's sizes, for a pretrained model (no training settings needed).
@@ -80,10 +97,10 @@ SHRINK = {
 # One profile keeps its bf16 weights and accelerate's device_map (all on the CPU here); the
 # others run in float32 on one device, which is faster on a CPU.
 KEEPS_BF16 = "olmoe-1b-7b"
-# A run takes 2 to 3 minutes on 2 CPU cores, so the default suite runs two: the bf16 and
-# device_map path, and the custom-code path (with shared experts and a dense first layer);
-# the other four are marked slow (pytest -m slow).
-DEFAULT_SUITE = ("olmoe-1b-7b", "deepseek-moe-16b")
+# A run takes 2 to 3 minutes on 2 CPU cores, so the default suite runs three: the bf16 and
+# device_map path, the converted DeepSeek-MoE on the paper's data (shared experts, a dense first
+# layer), and the laptop profile; the others are marked slow (pytest -m slow).
+DEFAULT_SUITE = ("olmoe-1b-7b", "deepseek-moe-16b", "granite-1b-a400m")
 
 
 def test_the_table_lists_every_real_profile():
@@ -92,48 +109,69 @@ def test_the_table_lists_every_real_profile():
 
 
 @pytest.mark.parametrize("name", sorted(REAL_PROFILES))
-def test_real_profile_resolves_with_the_papers_settings(name, monkeypatch):
+def test_real_profile_resolves_with_its_settings(name, monkeypatch):
     # A hub id is checked against the hub only when it is online; nothing is downloaded here.
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     spec = REAL_PROFILES[name]
     plan = runner.make_plan(name, root=ROOT)
     values = plan.parameters
     assert values["00_model"]["model"] == spec.hub_id
-    assert values["00_model"]["trust_remote_code"] is spec.custom_code
-    assert values["00_model"]["dtype"] == "bfloat16"
-    assert values["00_model"]["device_map"] == "auto"
-    for stage in ("00_model", "01_capture", "03_hsdl", "05_pruning", "06_evaluation"):
-        assert values[stage]["device"] == "cuda", stage
-    assert values["01_capture"]["max_tokens"] == PAPER_TOKENS
-    assert values["01_capture"]["seq_len"] == 2048
-    assert values["05_pruning"]["calibration_tokens"] == PAPER_TOKENS
-    assert values["05_pruning"]["seq_len"] == 2048
-    assert values["06_evaluation"]["tasks"] == ["local", "paper"]
+    assert values["00_model"]["trust_remote_code"] is False  # no profile runs checkpoint code
     assert values["06_evaluation"]["backend"] == "hf"
     text = (ROOT / "notebooks" / "params" / f"{name}.yml").read_text()
     description = next(line for line in text.splitlines() if line.startswith("description:"))
     assert spec.hub_id in description and "GB" in description and "hub" in description
-    if spec.custom_code:
-        assert "custom code" in description and "CUSTOM CODE" in text
+    if spec.gpu:
+        assert values["00_model"]["dtype"] == "bfloat16"
+        assert values["00_model"]["device_map"] == "auto"
+        for stage in ("00_model", "01_capture", "03_hsdl", "05_pruning", "06_evaluation"):
+            assert values[stage]["device"] == "cuda", stage
+        assert values["05_pruning"]["calibration_tokens"] == PAPER_TOKENS
+        assert values["01_capture"]["seq_len"] == values["05_pruning"]["seq_len"] == 2048
+        assert values["06_evaluation"]["tasks"] == ["local", "paper"]
+        assert "GPU" in description
+    else:  # the laptop profile: a CPU, float32, one device
+        assert values["00_model"]["device_map"] == "" and values["00_model"]["dtype"] == "float32"
+        for stage in ("00_model", "01_capture", "03_hsdl", "05_pruning", "06_evaluation"):
+            assert values[stage]["device"] == "cpu", stage
+        assert "CPU" in description
+    source = "paper" if spec.paper_data else "embedded"
+    for stage in ("01_capture", "05_pruning", "06_evaluation"):
+        assert values[stage]["data_source"] == source, stage
+    if spec.paper_data:
+        assert values["01_capture"]["domains"] == list(paper.FIELDS)
+        assert values["01_capture"]["max_tokens"] >= 604109  # the paper's analysed tokens
+        assert "MMLU-Pro" in description
+    elif spec.gpu:
+        assert values["01_capture"]["max_tokens"] == PAPER_TOKENS
 
 
-def _overrides(name: str, checkpoint: Path) -> list[str]:
+def _overrides(name: str, checkpoint: Path, paper_dir: Path | None = None) -> list[str]:
     settings = {**SHRINK, "00_model.model": str(checkpoint)}
     if name != KEEPS_BF16:
         settings |= {"00_model.dtype": "float32", "00_model.device_map": ""}
+    if paper_dir is not None:
+        settings |= {f"{stage}.paper_data_dir": str(paper_dir)
+                     for stage in ("01_capture", "05_pruning", "06_evaluation")}
     return [f"{key}={value}" for key, value in settings.items()]
+
+
+def _stand_in(name: str, folder: Path) -> Path:
+    spec = REAL_PROFILES[name]
+    if spec.family == deepseek_v1.MODEL_TYPE:
+        return save_tiny_deepseek_v1(folder)
+    return save_tiny_checkpoint(spec.family, folder, **spec.tiny)
 
 
 def _run_profile_on_a_tiny_model(name: str, tmp_path: Path, monkeypatch) -> list[str]:
     spec = REAL_PROFILES[name]
-    # Custom code is copied into the modules cache: keep it in the test's folder.
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    family = "deepseek_v2" if spec.custom_code else spec.family
-    checkpoint = save_tiny_checkpoint(
-        family, tmp_path / "checkpoint", custom_code="TinyDeepseek" if spec.custom_code else None,
-        **spec.tiny)
-    plan = runner.make_plan(name, overrides=_overrides(name, checkpoint),
-                            artifacts_root=tmp_path / "artifacts", root=ROOT)
+    monkeypatch.setenv(deepseek_v1.CACHE_ENV, str(tmp_path / "converted"))
+    checkpoint = _stand_in(name, tmp_path / "checkpoint")
+    paper_dir = write_tiny_paper_data(tmp_path / "paper") if spec.paper_data else None
+    overrides = _overrides(name, checkpoint, paper_dir)
+    plan = runner.make_plan(name, overrides=overrides, artifacts_root=tmp_path / "artifacts",
+                            root=ROOT)
     assert runner.run(plan) == ["ran"] * len(STAGE_NAMES)
     folder = tmp_path / "artifacts" / name
     for stage in STAGE_NAMES:
@@ -141,21 +179,32 @@ def _run_profile_on_a_tiny_model(name: str, tmp_path: Path, monkeypatch) -> list
 
     reference = artifacts.read_json(folder / "00_model" / "model_ref.json")
     assert reference == {
-        "model": str(checkpoint), "trust_remote_code": spec.custom_code,
+        "model": str(checkpoint), "trust_remote_code": False,
         "dtype": "bfloat16" if name == KEEPS_BF16 else "float32",
         "device_map": "auto" if name == KEEPS_BF16 else ""}
     # Stage 01 loaded the model the way stage 00 recorded it: the class proves it.
     trace = json.loads((folder / "01_capture" / "trace" / "metadata.json").read_text())
-    assert trace["metadata"]["model_class"] == ("TinyDeepseekForCausalLM" if spec.custom_code
-                                                else spec.model_class)
+    assert trace["metadata"]["model_class"] == spec.model_class
     assert (folder / "01_capture" / "control_trace" / "metadata.json").is_file()
+    tokens = RoutingTrace.load(folder / "01_capture" / "trace").tokens
+    if spec.paper_data:  # the analysed MMLU-Pro questions of the five fields, nothing else
+        assert set(tokens["domain"]) == set(paper.FIELDS)
+        assert tokens["entry_id"].str.startswith("mmlu_pro-").all()
+        assert set(tokens["split"]) == {"analysis"}
+    else:
+        assert not tokens["entry_id"].astype(str).str.startswith("mmlu").any()
+    if spec.family == deepseek_v1.MODEL_TYPE:  # converted once, reused by every stage
+        assert len(list((tmp_path / "converted").iterdir())) == 1
     assert (folder / "05_pruning" / "masks.safetensors").is_file()
     results = pd.read_csv(folder / "06_evaluation" / "results.csv")
     unpruned = results[results["mask"] == "unpruned"]
     assert not unpruned.empty and unpruned["value"].notna().all()
     assert {"caep", "random"} <= set(results["method"])
+    if spec.paper_data:  # evaluated on MMLU-Pro's held-out questions, field by field
+        fields = set(results.loc[results["kind"] == "task", "domain"])
+        assert fields == set(paper.FIELDS)
     assert (folder / "06_evaluation" / "table_1.csv").is_file()
-    return _overrides(name, checkpoint)
+    return overrides
 
 
 def _check_standard_tasks_fail_early(name: str, overrides: list[str], artifacts_root: Path):
@@ -196,7 +245,6 @@ def test_the_native_class_of_each_stand_in_is_the_checkpoints():
     from transformers import AutoConfig, AutoModelForCausalLM
 
     for spec in REAL_PROFILES.values():
-        if spec.custom_code:
-            continue
-        config_class = type(AutoConfig.for_model(spec.family))
+        family = "qwen2_moe" if spec.family == deepseek_v1.MODEL_TYPE else spec.family
+        config_class = type(AutoConfig.for_model(family))
         assert AutoModelForCausalLM._model_mapping[config_class].__name__ == spec.model_class

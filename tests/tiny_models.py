@@ -332,3 +332,107 @@ def save_tiny_checkpoint(family: str, folder, *, seed: int = 0, custom_code: str
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny DeepSeek-MoE (v1) checkpoints in the original layout (tests/test_deepseek_v1.py)
+# --------------------------------------------------------------------------------------------
+
+#: A tiny DeepSeek-MoE (v1) config.json: the 16B model's structure (first layer dense, shared
+#: experts, softmax top-k without renormalisation) at toy sizes, grouped-query attention on.
+DEEPSEEK_V1_CONFIG: dict[str, Any] = {
+    "architectures": ["DeepseekForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
+    "model_type": "deepseek",
+    "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1,
+    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 64,
+    "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 512,
+    "moe_intermediate_size": 32, "moe_layer_freq": 1, "n_routed_experts": 8,
+    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 4,
+    "num_experts_per_tok": 3, "num_hidden_layers": 3, "num_key_value_heads": 2,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000,
+    "scoring_func": "softmax", "aux_loss_alpha": 0.001, "seq_aux": True,
+    "tie_word_embeddings": False, "torch_dtype": "float32", "use_cache": True,
+    "vocab_size": VOCAB_SIZE,
+}
+
+
+def deepseek_v1_state_dict(config: dict[str, Any], *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights named and shaped as the original ``modeling_deepseek.py`` names them.
+
+    Drawn from a seeded generator in a fixed order, so the same seed gives the same bytes. The
+    router rows are drawn wider than the rest so that top-k choices are clear-cut (no near-ties
+    that rounding could flip between two implementations).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    n_kv = config["num_key_value_heads"]
+
+    def normal(*shape, std=0.08):
+        return torch.randn(*shape, generator=generator) * std
+
+    def mlp(prefix, width):
+        return {f"{prefix}.gate_proj.weight": normal(width, hidden),
+                f"{prefix}.up_proj.weight": normal(width, hidden),
+                f"{prefix}.down_proj.weight": normal(hidden, width)}
+
+    weights = {"model.embed_tokens.weight": normal(vocab, hidden, std=0.5)}
+    first, every = config["first_k_dense_replace"], config["moe_layer_freq"]
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        weights[f"{prefix}.input_layernorm.weight"] = 1 + normal(hidden, std=0.1)
+        weights[f"{prefix}.post_attention_layernorm.weight"] = 1 + normal(hidden, std=0.1)
+        attention = f"{prefix}.self_attn"
+        weights[f"{attention}.q_proj.weight"] = normal(config["num_attention_heads"] * head_dim,
+                                                       hidden, std=0.2)
+        weights[f"{attention}.k_proj.weight"] = normal(n_kv * head_dim, hidden, std=0.2)
+        weights[f"{attention}.v_proj.weight"] = normal(n_kv * head_dim, hidden, std=0.2)
+        weights[f"{attention}.o_proj.weight"] = normal(hidden, hidden, std=0.2)
+        if layer >= first and layer % every == 0:
+            weights[f"{prefix}.mlp.gate.weight"] = normal(config["n_routed_experts"], hidden,
+                                                          std=0.6)
+            for expert in range(config["n_routed_experts"]):
+                weights |= mlp(f"{prefix}.mlp.experts.{expert}",
+                               config["moe_intermediate_size"])
+            if config.get("n_shared_experts"):
+                weights |= mlp(f"{prefix}.mlp.shared_experts",
+                               config["moe_intermediate_size"] * config["n_shared_experts"])
+        else:
+            weights |= mlp(f"{prefix}.mlp", config["intermediate_size"])
+    weights["model.norm.weight"] = 1 + normal(hidden, std=0.1)
+    weights["lm_head.weight"] = normal(vocab, hidden, std=0.3)
+    return weights
+
+
+def save_tiny_deepseek_v1(folder, *, seed: int = 0, tokenizer: bool = True, **overrides: Any):
+    """A tiny random DeepSeek-MoE (v1) checkpoint as the hub ships one, minus its code.
+
+    ``config.json`` (``model_type: deepseek``, the ``auto_map`` of the real checkpoint) and
+    ``model.safetensors`` in the original layout; the modeling code is deliberately absent, so
+    anything that tried to run it would fail. ``overrides`` replace config keys.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    config = {**DEEPSEEK_V1_CONFIG, **overrides}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(deepseek_v1_state_dict(config, seed=seed), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer:
+        corpus_tokenizer(config["vocab_size"]).save_pretrained(folder)
+    return folder

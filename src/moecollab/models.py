@@ -174,6 +174,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
 
     dtype = torch_dtype(dtype)
     device_map = check_device_map(device_map)
+    path, trust_remote_code = _native_checkpoint(path, trust_remote_code)
     local = Path(path)
     if local.exists():
         if not (local / "config.json").is_file():
@@ -219,6 +220,28 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", dtype=None,
             model = model.to(target)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
+
+
+def _native_checkpoint(path: str | os.PathLike, trust_remote_code: bool):
+    """What to load for ``path``: itself, or, for a DeepSeek-MoE (v1) checkpoint, its
+    conversion to the native ``Qwen2MoeForCausalLM`` (made once, then cached; see
+    :mod:`moecollab.deepseek_v1`), whose loading runs no code from the checkpoint."""
+    from . import deepseek_v1
+
+    local = Path(path).expanduser()
+    if local.exists():
+        config_path = local / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    else:
+        from .preflight import hub_config
+
+        config = hub_config(str(path)) or {}
+    if not deepseek_v1.is_deepseek_v1(config):
+        return path, trust_remote_code
+    if trust_remote_code:
+        logger.warning("trust_remote_code ignored for %s: DeepSeek-MoE (v1) checkpoints are "
+                       "converted to Qwen2MoeForCausalLM, and their code is never run", path)
+    return deepseek_v1.converted_checkpoint(path), False
 
 
 def is_dispatched(model) -> bool:

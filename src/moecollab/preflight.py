@@ -23,8 +23,12 @@ from .budget import n_kept
 from .params import ParameterError
 
 
-def check_plan(parameters: dict[str, dict[str, Any]]) -> None:
+def check_plan(parameters: dict[str, dict[str, Any]],
+               cache_dir: str | os.PathLike | None = None) -> None:
     """Check a resolved plan (stage name → parameter values) across stages.
+
+    ``cache_dir`` is the profile's cache (``artifacts/<profile>/cache``), where the paper's
+    datasets are kept once prepared (see :func:`check_data_sources`).
 
     Examples
     --------
@@ -53,12 +57,63 @@ def check_plan(parameters: dict[str, dict[str, Any]]) -> None:
                         f"{_largest_ratio(n_experts, top_k):g}")
 
 
+    check_data_sources(parameters, cache_dir)
     evaluation = parameters.get("06_evaluation", {})
     if evaluation.get("backend") == "vllm" and not parameters.get("05_pruning", {}).get("export"):
         raise ParameterError(
             "parameter 'backend' of stage 06_evaluation: vllm evaluates the checkpoints stage "
             "05_pruning exports, and export is off; set 05_pruning.export: true, or use "
             "backend hf")
+
+
+#: The datasets each stage reads with ``data_source: paper`` (see moecollab.data.paper).
+PAPER_DATASETS = {"01_capture": ("TIGER-Lab/MMLU-Pro",),
+                  "05_pruning": ("cais/mmlu", "TIGER-Lab/MMLU-Pro"),
+                  "06_evaluation": ("TIGER-Lab/MMLU-Pro",)}
+
+
+def check_data_sources(parameters: dict[str, dict[str, Any]],
+                       cache_dir: str | os.PathLike | None = None) -> None:
+    """Each stage's text can be read: its fields exist in its ``data_source``, and the paper's
+    datasets are reachable (a local folder with the right columns, the hub, or the profile's
+    cache), one line otherwise, before any model loads.
+
+    Examples
+    --------
+    >>> check_data_sources({"01_capture": {"data_source": "embedded",
+    ...                                    "domains": ["law", "psychology"]}})
+    Traceback (most recent call last):
+    ...
+    moecollab.params.ParameterError: parameter 'domains' of stage 01_capture: psychology is not a \
+field of the embedded corpus; with data_source 'paper' the fields are mathematics, ...
+    """
+    from .data import paper
+    from .data.corpus import DOMAINS
+
+    capture = parameters.get("01_capture", {})
+    if "domains" in capture:
+        if capture.get("data_source", "embedded") == "paper":
+            allowed, where, other = paper.FIELDS, "among the paper's fields", ("embedded",
+                                                                             DOMAINS)
+        else:
+            allowed, where, other = DOMAINS, "a field of the embedded corpus", ("paper",
+                                                                               paper.FIELDS)
+        foreign = [field for field in capture["domains"] if field not in allowed]
+        if foreign:
+            raise ParameterError(
+                f"parameter 'domains' of stage 01_capture: {', '.join(foreign)} "
+                f"{'is' if len(foreign) == 1 else 'are'} not {where}; with data_source "
+                f"{other[0]!r} the fields are {', '.join(other[1])}")
+    offline = env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE")
+    for stage, needed in PAPER_DATASETS.items():
+        values = parameters.get(stage, {})
+        if values.get("data_source") != "paper":
+            continue
+        try:
+            paper.check_available(values.get("paper_data_dir", ""), cache_dir, needed,
+                                  offline=offline)
+        except paper.PaperDataError as error:
+            raise ParameterError(f"parameter 'data_source' of stage {stage}: {error}") from None
 
 
 def model_shape(model_settings: dict[str, Any]) -> tuple[int, int] | None:
@@ -75,7 +130,11 @@ def model_shape(model_settings: dict[str, Any]) -> tuple[int, int] | None:
     config = read_model_config(source)
     if config is None or "kept_experts" in config:
         return None
+    from . import deepseek_v1
     from .moe_arch import SUPPORTED_FAMILIES  # torch: only when a checkpoint is named
+
+    if deepseek_v1.is_deepseek_v1(config):
+        return deepseek_v1.shape(config)
 
     family = SUPPORTED_FAMILIES[config["model_type"]]
     n_experts = next((config[key] for key in family.n_experts_keys if key in config), None)
@@ -109,13 +168,20 @@ def read_model_config(source: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         raise ParameterError(f"model {str(source)!r}: config.json is not valid JSON "
                              f"({error})") from None
+    from . import deepseek_v1
     from .moe_arch import SUPPORTED_FAMILIES  # torch: only when a checkpoint is named
 
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
+    if deepseek_v1.is_deepseek_v1(config):  # converted to a native class when loaded
+        try:
+            deepseek_v1.check_convertible(config, f"model {str(source)!r}")
+        except deepseek_v1.ConversionError as error:
+            raise ParameterError(str(error)) from None
+    elif model_type not in SUPPORTED_FAMILIES:
         raise ParameterError(
             f"model {str(source)!r} has model_type {model_type!r}, which has no router "
-            f"moecollab can read; supported: {', '.join(SUPPORTED_FAMILIES)}")
+            f"moecollab can read; supported: {', '.join(SUPPORTED_FAMILIES)}, and "
+            f"{deepseek_v1.MODEL_TYPE} (converted to qwen2_moe)")
     return config
 
 
@@ -160,6 +226,23 @@ def check_hub_reachable(name: str) -> Path | None:
             f"model {name!r} is not a folder here and the hub is offline (HF_HUB_OFFLINE=1); "
             "give a local checkpoint folder, or set HF_HUB_OFFLINE=0 to download a hub id")
     return None
+
+
+def hub_config(name: str) -> dict[str, Any] | None:
+    """The ``config.json`` of hub id ``name``: from the cache, else downloaded (that file
+    only) when the hub is reachable; None if it cannot be had (loading then says why)."""
+    cached = check_hub_reachable(name)
+    if cached is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cached = Path(hf_hub_download(name, "config.json"))
+        except Exception:  # not on the hub, gated, no network: from_pretrained reports it
+            return None
+    try:
+        return json.loads(Path(cached).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _largest_ratio(n_experts: int, top_k: int) -> float:

@@ -121,7 +121,8 @@ def make_plan(profile: str = "default", overrides: list[str] | None = None,
     settings = load_profile(find_profile(profile, root))
     declared = {stage.name: stage_parameters(stage, root) for stage in STAGES}
     parameters = resolve(settings, [parse_override(text) for text in overrides or []], declared)
-    preflight.check_plan(parameters)
+    artifacts_root = artifacts_root or root / "artifacts"
+    preflight.check_plan(parameters, cache_dir=artifacts_root / profile_name(profile) / "cache")
     if only:
         selected = [stage for stage in STAGES if stage.name == only]
     elif from_stage:
@@ -129,7 +130,7 @@ def make_plan(profile: str = "default", overrides: list[str] | None = None,
     else:
         selected = list(STAGES)
     return Plan(root=root, profile=profile_name(profile), parameters=parameters,
-                stages=selected, artifacts_root=artifacts_root or root / "artifacts",
+                stages=selected, artifacts_root=artifacts_root,
                 force=force)
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .data.corpus import DOMAINS
+from .data.paper import FIELDS as PAPER_FIELDS
+from .data.sources import DATA_SOURCES
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ FRACTION_OPEN = Check(low=0, high=1, high_open=True)   # [0, 1)
 PROBABILITY = Check(low=0, high=1)
 DEVICE = Check(choices=("auto", "cpu", "cuda"))
 DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
+# Stage 01 reads the embedded corpus's fields or the paper's (moecollab.data.paper.FIELDS);
+# which set applies depends on data_source, checked across parameters in moecollab.preflight.
+ANY_FIELD = Check(choices=tuple(dict.fromkeys(DOMAINS + PAPER_FIELDS)), each=True)
+DATA_SOURCE = Check(choices=DATA_SOURCES)
 # Loading a pretrained checkpoint (moecollab.models.DTYPES and DEVICE_MAPS; a test checks).
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
@@ -132,7 +138,8 @@ STAGES: tuple[Stage, ...] = (
         "Capturing the routing",
         needs=("00_model",),
         checks={
-            "domains": DOMAIN_CHOICES,
+            "domains": ANY_FIELD,
+            "data_source": DATA_SOURCE,
             "split": Check(choices=("train", "validation", "test", "held_out", "all")),
             "max_tokens": POSITIVE,
             "seq_len": Check(low=8, high=32768),
@@ -190,6 +197,7 @@ STAGES: tuple[Stage, ...] = (
             "batch_size": POSITIVE,
             "ablation_threshold_ratios": Check(low=0, high=1, low_open=True, each=True),
             "domain_prune_ratio": FRACTION_OPEN,
+            "data_source": DATA_SOURCE,
         },
     ),
     Stage(
@@ -205,6 +213,7 @@ STAGES: tuple[Stage, ...] = (
             "batch_size": POSITIVE,
             "backend": Check(choices=("hf", "vllm")),
             "standard_limit": NON_NEGATIVE,
+            "data_source": DATA_SOURCE,
         },
     ),
 )

@@ -1,0 +1,99 @@
+"""Which text each stage reads, by ``data_source``: the embedded corpus or the paper's data.
+
+Three readers, one per role, each returning the same layout for either source (entries with
+``entry_id``, ``domain``, ``split`` and ``text``; items as :func:`moecollab.data.make_mcq_items`
+makes them):
+
+- :func:`analysis_entries` (stage 01): the text whose routing is captured;
+- :func:`calibration_entries` (stage 05): the text every pruning method calibrates on, and the
+  fields the per-field masks are made for;
+- :func:`evaluation_data` (stage 06): multiple-choice items and perplexity texts per field.
+
+``embedded`` is this study's dictionary corpus (:mod:`moecollab.data.corpus`), ``paper`` the
+paper's MMLU-Pro and MMLU (:mod:`moecollab.data.paper`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from . import paper
+from .corpus import load_corpus
+
+DATA_SOURCES = ("embedded", "paper")
+#: Corpus splits named by stage 01's ``split`` parameter beyond the three real ones.
+SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": ("train", "validation", "test")}
+
+
+def _check(data_source: str) -> None:
+    if data_source not in DATA_SOURCES:
+        raise ValueError(f"data_source must be one of {', '.join(DATA_SOURCES)}; "
+                         f"got {data_source!r}")
+
+
+def analysis_entries(data_source: str, *, domains: Sequence[str], split: str = "held_out",
+                     paper_data_dir: str = "",
+                     cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """The entries stage 01 captures.
+
+    ``embedded``: the corpus entries of ``domains`` in ``split`` (``train``, ``validation``,
+    ``test``, ``held_out`` or ``all``). ``paper``: the analysed share of MMLU-Pro's questions of
+    ``domains`` (``split`` does not apply: held-out questions are kept for evaluation).
+    """
+    _check(data_source)
+    if data_source == "paper":
+        mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=_required(cache_dir))
+        return paper.analysis_entries(mmlu_pro, domains)
+    corpus = load_corpus(domains=list(domains))
+    return corpus[corpus["split"].isin(SPLIT_GROUPS.get(split, (split,)))]
+
+
+def calibration_entries(data_source: str, *, split: str = "validation",
+                        paper_data_dir: str = "", cache_dir: str | os.PathLike | None = None
+                        ) -> tuple[pd.DataFrame, list[str]]:
+    """The calibration entries of stage 05 and the fields of its per-field masks.
+
+    ``embedded``: the corpus's ``split`` and all its fields. ``paper``: MMLU's questions of the
+    paper's five fields, without those MMLU-Pro holds out for evaluation.
+    """
+    _check(data_source)
+    if data_source == "paper":
+        cache_dir = _required(cache_dir)
+        mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=cache_dir)
+        mmlu = paper.load_mmlu(paper_data_dir, cache_dir=cache_dir)
+        return paper.calibration_entries(mmlu, mmlu_pro), list(paper.FIELDS)
+    corpus = load_corpus()
+    return corpus[corpus["split"] == split], sorted(corpus["domain"].unique())
+
+
+def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
+                    n_perplexity_entries: int, seed: int = 0, paper_data_dir: str = "",
+                    cache_dir: str | os.PathLike | None = None
+                    ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """Stage 06's multiple-choice items and, per field, the texts whose perplexity it measures.
+
+    ``embedded``: the items stage 00 made (``mcq_items``, a Parquet file) and the corpus's
+    test entries. ``paper``: MMLU-Pro's held-out questions, as items (split ``test``) and, with
+    their options, as texts.
+    """
+    _check(data_source)
+    if data_source == "paper":
+        mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=_required(cache_dir))
+        return (paper.evaluation_items(mmlu_pro),
+                paper.evaluation_texts(mmlu_pro, n_perplexity_entries, seed=seed))
+    items = pd.read_parquet(mcq_items)
+    corpus = load_corpus()
+    held_out = corpus[corpus["split"] == "test"].sample(frac=1.0, random_state=seed)
+    texts = {domain: rows["text"].head(n_perplexity_entries).tolist()
+             for domain, rows in held_out.groupby("domain")}
+    return items, texts
+
+
+def _required(cache_dir: str | os.PathLike | None) -> Path:
+    if cache_dir is None:
+        raise ValueError("data_source 'paper' needs cache_dir (the profile's cache folder)")
+    return Path(cache_dir)
