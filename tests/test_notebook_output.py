@@ -126,6 +126,8 @@ for step in range(2000):
 for line in range(300):
     print(f"progress {line}", end="\\r", file=sys.stderr)
 print(file=sys.stderr)  # as a progress bar does when it closes
+for item in range(1000):
+    print(f"item {item}")
 figure, axis = plt.subplots()
 axis.plot([0, 1], [1, 0])
 Path(output_dir, "done.txt").write_text("ok")
@@ -176,3 +178,9 @@ def test_a_stage_kernel_stores_figures_summarises_warnings_and_is_not_interrupte
     assert "1,999 more UserWarning" in stderr.text
     assert "progress 299" in stderr.text and "progress 298" not in stderr.text
     assert len(lines) < 10
+    (stdout,) = [o for o in outputs if o.get("name") == "stdout"]
+    assert stdout.text.startswith("item 0\nitem 1\n") and len(stdout.text.splitlines()) < 250
+    assert ("more lines not stored here (the whole text is in artifacts/tiny/logs/20_output.log)"
+            in stdout.text)
+    log = (output_stage / "artifacts/tiny/logs/20_output.log").read_text()
+    assert "item 500\n" in log and "progress 298" not in log

@@ -14,8 +14,10 @@ def test_every_stage_finishes_with_a_verified_manifest(smoke_artifacts):
     for stage in STAGE_NAMES:
         manifest = artifacts.verify_stage(smoke_artifacts / "smoke" / stage)
         assert manifest.outputs and manifest.seconds > 0
-        executed = nbformat.read(smoke_artifacts / "smoke" / "executed" / f"{stage}.ipynb", 4)
+        path = smoke_artifacts / "smoke" / "executed" / f"{stage}.ipynb"
+        executed = nbformat.read(path, 4)
         assert not executed.metadata.papermill.get("exception")
+        assert path.stat().st_size < 2_000_000, f"{stage}: executed notebook over 2 MB"
 
 
 def test_stage_00_writes_a_loadable_model_and_its_checks(smoke_artifacts):

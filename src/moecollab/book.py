@@ -70,6 +70,8 @@ def machine_paths_removed(text: str, *, root: Path, artifacts_root: Path, profil
         (escaped(root) + "/", ""),
         (escaped(root), "."),
     ]
+    if len(root.parts) < 2:  # a checkout at "/" would turn every "//" into nothing
+        replacements = replacements[:3]
     for pattern, replacement in replacements:
         text = re.sub(pattern, replacement, text)
     return text

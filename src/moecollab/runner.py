@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import appendix, artifacts, book, preflight
+from . import appendix, artifacts, book, preflight, stream_text
 from .params import (
     ParameterError,
     find_profile,
@@ -225,10 +225,12 @@ def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) ->
                     log_output=logger.isEnabledFor(logging.DEBUG),
                     kernel_manager_class=quiet_kernel_manager(),
                     extra_arguments=KERNEL_ARGUMENTS,
-                    coalesce_streams=True)  # one stream per cell; progress bars at their end
+                    coalesce_streams=True)  # one stream per cell
             except papermill.PapermillExecutionError as error:
+                _lighten(plan, stage, tmp_executed)
                 shutil.copyfile(tmp_executed, executed)  # keep the failing copy to read
                 raise StageFailed(_describe_failure(stage, error, executed)) from None
+            _lighten(plan, stage, tmp_executed)
         seconds = time.perf_counter() - started
         _warn_if_heavy(stage, executed)
         manifest = artifacts.Manifest(
@@ -255,6 +257,23 @@ def _remove_leftovers(profile_folder: Path, stage: str) -> None:
     for path in leftovers:
         logger.info("%s: removing %s left by a run that has ended", stage, path.name)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _lighten(plan: Plan, stage: Stage, notebook_path: Path) -> None:
+    """Store printed text as a terminal shows it, floods shortened; the whole text goes to
+    ``artifacts/<profile>/logs/<stage>.log`` (see :mod:`moecollab.stream_text`)."""
+    import nbformat
+
+    log = plan.artifacts_root / plan.profile / "logs" / f"{stage.name}.log"
+    try:
+        shown = log.relative_to(plan.root).as_posix()
+    except ValueError:
+        shown = f"artifacts/{plan.profile}/logs/{stage.name}.log"
+    notebook = nbformat.read(notebook_path, as_version=4)
+    text = stream_text.lighten_notebook(notebook, shown)
+    nbformat.write(notebook, notebook_path)
+    with artifacts.atomic_path(log) as tmp:
+        tmp.write_text(text)
 
 
 def _warn_if_heavy(stage: Stage, executed: Path) -> None:
