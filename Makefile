@@ -9,10 +9,12 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: help install study smoke test book pdf lint bench reference clean
+.PHONY: help install study smoke test book pdf lint bench reference clean browser
 TEX_PACKAGES := texlive-xetex latexmk texlive-latex-extra texlive-fonts-recommended \
                 fonts-freefont-otf texlive-plain-generic poppler-utils
+BROWSER_PACKAGES := chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' Makefile | sed 's/:.*## */\t/'
@@ -34,7 +36,7 @@ smoke: $(STAMP)  ## the whole path at tiny sizes, then the book from it
 	$(PY) -m moecollab run --profile smoke
 	$(PY) -m moecollab book --profile smoke
 
-test: $(STAMP)  ## ruff, then the test suite (includes the smoke profile and a strict book build)
+test: $(STAMP) browser  ## ruff, then the test suite (smoke profile, strict book build, browser)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
 
@@ -44,8 +46,14 @@ book: $(STAMP)  ## rebuild the book from PROFILE's executed notebooks
 pdf: $(STAMP)  ## the book as a PDF handout, _build/latex/moecollab.pdf (installs TeX if missing)
 	@command -v xelatex >/dev/null && command -v latexmk >/dev/null || \
 	  { $(SUDO) apt-get update -q && \
-	    $(SUDO) apt-get install -y --no-install-recommends $(TEX_PACKAGES); }
+	    $(APT_INSTALL) $(TEX_PACKAGES); }
 	$(PY) -m moecollab book --profile $(PROFILE) --pdf
+
+browser:  ## a headless browser for the book test (Debian's chromium, chromium-driver if missing)
+	@command -v chromedriver >/dev/null && \
+	  { command -v chromium || command -v chromium-browser || command -v google-chrome; } \
+	    >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(APT_INSTALL) $(BROWSER_PACKAGES); }
 
 lint: $(STAMP)  ## ruff only
 	$(PY) -m ruff check src tests benchmarks

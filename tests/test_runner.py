@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,10 +151,53 @@ def test_leftovers_of_a_killed_run_are_removed_and_the_run_resumes(project):
     (profile_folder / "executed").mkdir()
     (profile_folder / "executed" / ".10_first.xyz.tmp.ipynb").write_text("{}")
     assert runner.run(plan(project)) == ["ran", "ran"]
-    assert sorted(p.name for p in profile_folder.iterdir()) == ["10_first", "11_second",
-                                                               "executed"]
+    assert sorted(p.name for p in profile_folder.iterdir()) == [".run.lock", "10_first",
+                                                               "11_second", "executed"]
     assert sorted(p.name for p in (profile_folder / "executed").iterdir()) == [
         "10_first.ipynb", "11_second.ipynb"]
+
+
+def hold_lock(profile_folder, seconds):
+    """Another process that holds a profile's run lock for ``seconds``."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from moecollab.run_lock import profile_lock\n"
+        "with profile_lock(Path(sys.argv[1])):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(float(sys.argv[2]))\n"), str(profile_folder), str(seconds)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_of_a_profile_stops_naming_the_first_and_touches_nothing(project):
+    profile_folder = project / "artifacts" / "tiny"
+    (profile_folder / "executed").mkdir(parents=True)
+    live = profile_folder / "executed" / ".10_first.abc.tmp.ipynb"  # the holder's, say
+    live.write_text("{}")
+    holder = hold_lock(profile_folder, 60)
+    try:
+        with pytest.raises(runner.ProfileBusy, match=(
+                rf"^profile 'tiny' is being written by another run \(pid {holder.pid}, "
+                r"`python -c .*`, started .* UTC\); wait for it to end, or pass --wait")):
+            runner.run(plan(project))
+        assert live.exists()
+        assert not (profile_folder / "10_first").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runner.run(plan(project)) == ["ran", "ran"]  # its owner is gone: cleaned, then run
+    assert not live.exists()
+
+
+def test_a_run_asked_to_wait_runs_once_the_first_has_ended(project, caplog):
+    holder = hold_lock(project / "artifacts" / "tiny", 2)
+    started = time.monotonic()
+    assert runner.run(plan(project), wait=True) == ["ran", "ran"]
+    assert time.monotonic() - started > 1.5
+    assert f"waiting for the run that holds profile 'tiny' (pid {holder.pid}" in caplog.text
+    holder.wait()
 
 
 def test_the_source_hash_follows_only_the_modules_a_notebook_imports(tmp_path):

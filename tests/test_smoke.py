@@ -10,20 +10,14 @@ from moecollab import artifacts, runner
 from moecollab.stages import STAGE_NAMES, STAGES
 
 
-@pytest.fixture(scope="module")
-def smoke_artifacts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    outcomes = runner.run(runner.make_plan("smoke", artifacts_root=root))
-    assert outcomes == ["ran"] * len(STAGE_NAMES)
-    return root
-
-
 def test_every_stage_finishes_with_a_verified_manifest(smoke_artifacts):
     for stage in STAGE_NAMES:
         manifest = artifacts.verify_stage(smoke_artifacts / "smoke" / stage)
         assert manifest.outputs and manifest.seconds > 0
-        executed = nbformat.read(smoke_artifacts / "smoke" / "executed" / f"{stage}.ipynb", 4)
+        path = smoke_artifacts / "smoke" / "executed" / f"{stage}.ipynb"
+        executed = nbformat.read(path, 4)
         assert not executed.metadata.papermill.get("exception")
+        assert path.stat().st_size < 2_000_000, f"{stage}: executed notebook over 2 MB"
 
 
 def test_stage_00_writes_a_loadable_model_and_its_checks(smoke_artifacts):
@@ -44,14 +38,13 @@ def test_a_second_run_skips_every_stage(smoke_artifacts):
         ["skipped"] * len(STAGE_NAMES)
 
 
-def test_the_book_builds_without_warnings(smoke_artifacts, tmp_path):
-    index = runner.build_book("smoke", artifacts_root=smoke_artifacts, strict=True,
-                              output_dir=tmp_path)
-    assert index.is_file()
-    chapter = (tmp_path / "_build" / "html" / "book" / "notebooks" / "00_model.html").read_text()
+def test_the_book_builds_without_warnings(smoke_book):
+    # smoke_book (conftest) builds with warnings as errors; the browser test reads it too.
+    assert smoke_book.is_file()
+    chapter = (smoke_book.parent / "book" / "notebooks" / "00_model.html").read_text()
     assert "The reference model" in chapter
     assert "Verdict" in chapter
-    downloads = (tmp_path / "_build" / "html" / "book" / "downloads.html").read_text()
+    downloads = (smoke_book.parent / "book" / "downloads.html").read_text()
     assert "table_1.csv" in downloads and "_downloads" in downloads
 
 

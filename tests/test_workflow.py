@@ -1,4 +1,4 @@
-"""The publishing workflow runs the smoke target and uploads the folder the book is built in."""
+"""The publishing workflow builds the default profile's book, with its artifacts cached."""
 
 import re
 import subprocess
@@ -48,16 +48,36 @@ def test_workflow_runs_on_push_to_main_and_by_hand(workflow):
     assert "workflow_dispatch" in triggers
 
 
-def test_build_job_runs_the_smoke_target_offline(workflow):
+def test_build_job_runs_the_study_of_the_default_profile_offline(workflow):
     build = workflow["jobs"]["build"]
     commands = [step["run"] for step in _steps(build) if "run" in step]
-    assert any(re.search(r"\bmake smoke\b", command) for command in commands)
+    studies = [command for command in commands if re.search(r"\bmake study\b", command)]
+    assert studies and not any("PROFILE" in command or "smoke" in command
+                               for command in commands)
     assert any(step.get("uses", "").startswith("actions/setup-python")
                and str(step["with"]["python-version"]) == "3.11" for step in _steps(build))
     assert build["env"]["HF_HUB_OFFLINE"] == "1" and build["env"]["HF_DATASETS_OFFLINE"] == "1"
-    recipe = _make_targets()["smoke"]
-    assert any("moecollab run --profile smoke" in line for line in recipe)
-    assert any("moecollab book --profile smoke" in line for line in recipe)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^PROFILE \?= default$", makefile, re.MULTILINE)
+    recipe = _make_targets()["study"]
+    assert any("moecollab run --profile $(PROFILE)" in line for line in recipe)
+    assert any("moecollab book --profile $(PROFILE)" in line for line in recipe)
+
+
+def test_the_default_artifacts_are_cached_and_restored_before_the_study(workflow):
+    steps = _steps(workflow["jobs"]["build"])
+    (cache,) = [index for index, step in enumerate(steps)
+                if step.get("uses", "").startswith("actions/cache@")]
+    study = next(index for index, step in enumerate(steps) if "make study" in step.get("run", ""))
+    assert cache < study
+    settings = steps[cache]["with"]
+    assert settings["path"] == "artifacts/default"
+    # Exact hits for an unchanged study; otherwise the latest earlier cache, whose unchanged
+    # stages the runner skips by their manifests.
+    for decides in ("notebooks/**", "src/**", "data/**", "constraints.txt"):
+        assert decides in settings["key"]
+    assert settings["restore-keys"].split() == ["artifacts-default-"]
+    assert settings["key"].startswith("artifacts-default-")
 
 
 def test_uploaded_folder_is_where_the_book_is_built(workflow, tmp_path, monkeypatch):
@@ -68,7 +88,7 @@ def test_uploaded_folder_is_where_the_book_is_built(workflow, tmp_path, monkeypa
 
     # Run build_book on a scratch tree with stand-in notebooks and without Sphinx, to learn
     # where it puts the HTML for the profile the workflow builds.
-    executed = tmp_path / "artifacts" / "smoke" / "executed"
+    executed = tmp_path / "artifacts" / "default" / "executed"
     executed.mkdir(parents=True)
     for stage in STAGES:
         nbformat.write(nbformat.v4.new_notebook(), executed / f"{stage.name}.ipynb")
@@ -79,7 +99,7 @@ def test_uploaded_folder_is_where_the_book_is_built(workflow, tmp_path, monkeypa
         return subprocess.CompletedProcess(command, 0)
 
     monkeypatch.setattr(runner.subprocess, "run", fake_run)
-    index = runner.build_book("smoke", root=tmp_path)
+    index = runner.build_book("default", root=tmp_path)
     assert calls and "jupyter-book" in Path(calls[0][0]).name
     assert index.relative_to(tmp_path).parent == uploaded
     assert uploaded == Path("_build/html")

@@ -89,6 +89,21 @@ def package_versions(names: tuple[str, ...] = RECORDED_PACKAGES) -> dict[str, st
     return versions
 
 
+def machine_summary() -> dict[str, Any]:
+    """What a reader needs to judge a run time: operating system, processor, cores."""
+    return {"system": f"{platform.system()} {platform.machine()}",
+            "processor": _processor_name(), "cpu_cores": os.cpu_count()}
+
+
+def _processor_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; platform.processor() is empty there
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -141,12 +156,31 @@ def write_table(path: str | os.PathLike, table) -> Path:
     return path
 
 
-def save_figure(path: str | os.PathLike, figure, dpi: int = 110) -> Path:
-    """Save a matplotlib figure as PNG, atomically, with fixed metadata (byte-stable reruns)."""
+def save_figure(path: str | os.PathLike, figure, dpi: int = 110, data=None) -> Path:
+    """Save a matplotlib figure as PNG, and its data as a CSV of the same name beside it.
+
+    The PNG is written atomically with fixed metadata (byte-stable reruns). The CSV is, in
+    order of preference: ``data`` (a DataFrame) when given; a CSV of the same name that the
+    stage already wrote (``load_balance.csv`` for ``load_balance.png``); otherwise every value
+    the figure draws, read back from it (:func:`moecollab.figure_data.figure_table`). Its name
+    is remembered on the figure, so that :func:`moecollab.notebook.glue` lets the book link it
+    under the figure. A figure that draws no data (a message) gets no CSV.
+    """
+    from .figure_data import figure_table
+    from .notebook import DATA_ATTRIBUTE
+
+    path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight",
                        metadata={"Software": None})
-    return Path(path)
+    table_path = path.with_suffix(".csv")
+    if data is None and not table_path.is_file():
+        data = figure_table(figure)
+    if data is not None and not data.empty:
+        write_table(table_path, data)
+    if table_path.is_file():
+        setattr(figure, DATA_ATTRIBUTE, table_path.name)
+    return path
 
 
 def _json_default(obj: Any) -> Any:
@@ -170,6 +204,8 @@ class Manifest:
     outputs: dict[str, str]        # relative path → SHA-256
     versions: dict[str, str] = field(default_factory=package_versions)
     seconds: float = 0.0
+    finished: str = ""             # when the stage finished, ISO 8601 in UTC
+    machine: dict[str, Any] = field(default_factory=dict)  # machine_summary() of the run
     manifest_version: int = MANIFEST_VERSION
 
     def save(self, folder: str | os.PathLike) -> Path:

@@ -6,27 +6,73 @@ from typing import Any
 
 import numpy as np
 
+GLUE_PREFIX = "application/papermill.record/"  # myst_nb.glue's prefix for values not displayed
+DATA_ATTRIBUTE = "moecollab_data_file"  # set on a figure by artifacts.save_figure
+
 
 def glue(name: str, value: Any, display: bool = False) -> None:
-    """``myst_nb.glue`` that stores numpy scalars as plain Python numbers.
+    """``myst_nb.glue`` that stores figures as PNG images and numbers as plain numbers.
 
-    Strings are stored without the quotes of their repr, so ``{glue}`` and ``{glue:text}``
-    render them as plain text on any page. MyST-NB formats a glued number from its text form:
-    ``np.float64(0.5)`` (numpy 2's repr) cannot be formatted with ``{glue:text}`key:.2f```,
-    ``0.5`` can. Matplotlib figures are closed after glueing so the inline backend does not show
-    them twice.
+    - A matplotlib figure is stored as ``image/png`` drawn here, whatever matplotlib backend
+      the kernel runs: ``myst_nb.glue`` asks IPython's formatters, which store only the text
+      ``<Figure size …>`` when ``MPLBACKEND=Agg`` kept the inline backend off. The figure is
+      then closed, so the inline backend does not show it a second time. When
+      :func:`moecollab.artifacts.save_figure` saved it with its data, the CSV's name goes into
+      the output's metadata, for the book to link under the figure.
+    - numpy scalars are stored as Python numbers: ``{glue:text}`key:.2f``` formats the text
+      form, and ``np.float64(0.5)`` (numpy 2's repr) cannot be formatted, ``0.5`` can.
+    - Strings are stored without the quotes of their repr.
     """
-    from myst_nb import glue as myst_glue
+    from IPython.core.formatters import format_display_data
+    from IPython.display import display as ipython_display
 
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, str):
-        value = _PlainText(value)
-    myst_glue(name, value, display=display)
-    if hasattr(value, "savefig"):
+    if _is_figure(value):
+        bundle, metadata = figure_bundle(value)
+    else:
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str):
+            value = _PlainText(value)
+        bundle, metadata = format_display_data(value)
+    prefix = "" if display else GLUE_PREFIX
+    metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
+    ipython_display({prefix + mime: data for mime, data in bundle.items()}, raw=True,
+                    metadata=metadata)
+    if _is_figure(value):
         import matplotlib.pyplot as plt
 
         plt.close(value)
+
+
+def figure_bundle(figure) -> tuple[dict[str, str], dict[str, Any]]:
+    """The MIME bundle of a figure (``image/png`` in base64, ``text/plain``) and its metadata.
+
+    Drawn at the figure's own dpi with a tight bounding box, as Jupyter's inline backend does,
+    and without the PNG's "Software" entry so that re-runs give identical bytes.
+
+    Examples
+    --------
+    >>> import matplotlib.figure
+    >>> figure = matplotlib.figure.Figure(figsize=(2, 1))
+    >>> _ = figure.subplots().plot([0, 1])
+    >>> bundle, metadata = figure_bundle(figure)
+    >>> sorted(bundle), bundle["text/plain"]
+    (['image/png', 'text/plain'], '<Figure size 200x100 with 1 Axes>')
+    """
+    from IPython.core.pylabtools import print_figure
+
+    bundle = {"image/png": print_figure(figure, "png", base64=True,
+                                        metadata={"Software": None}),
+              "text/plain": repr(figure)}
+    data_file = getattr(figure, DATA_ATTRIBUTE, None)
+    metadata = {"moecollab": {"data": data_file}} if data_file else {}
+    return bundle, metadata
+
+
+def _is_figure(value: Any) -> bool:
+    # Checked by name so that glueing a number does not import matplotlib.
+    return any(cls.__module__.startswith("matplotlib.figure") and cls.__name__ == "Figure"
+               for cls in type(value).__mro__)
 
 
 class _PlainText:

@@ -17,10 +17,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import appendix, artifacts, preflight
+from . import appendix, artifacts, book, preflight, stream_text
 from .params import (
     ParameterError,
     find_profile,
@@ -30,10 +31,16 @@ from .params import (
     resolve,
     stage_parameters,
 )
+from .run_lock import ProfileBusy, profile_lock
 from .stages import STAGE_NAMES, STAGES, Stage
 
 logger = logging.getLogger("moecollab")
 KERNEL_NAME = "moecollab"
+# Every stage kernel loads moecollab.kernel_setup (inline figures whatever MPLBACKEND says,
+# warning floods summarised). Errors only: ipykernel's notice that loopback TCP is unencrypted
+# would otherwise print once per stage.
+KERNEL_ARGUMENTS = ["--ext=moecollab.kernel_setup", "--IPKernelApp.log_level=ERROR"]
+NOTEBOOK_SIZE_WARNING = 2_000_000  # bytes; a chapter above this is slow to download and read
 
 
 class StageFailed(RuntimeError):
@@ -157,8 +164,17 @@ def upstream_hashes(plan: Plan, stage: Stage) -> dict[str, str]:
     return hashes
 
 
-def run(plan: Plan) -> list[str]:
-    """Run the planned stages in order; return what happened to each ("ran"/"skipped")."""
+def run(plan: Plan, wait: bool = False) -> list[str]:
+    """Run the planned stages in order; return what happened to each ("ran"/"skipped").
+
+    The profile is locked for the whole run: a second run of the same profile raises
+    :class:`~moecollab.run_lock.ProfileBusy` naming the first, or waits for it (``wait``).
+    """
+    with profile_lock(plan.artifacts_root / plan.profile, wait=wait):
+        return _run_locked(plan)
+
+
+def _run_locked(plan: Plan) -> list[str]:
     outcomes = []
     for stage in plan.stages:
         inputs = upstream_hashes(plan, stage)
@@ -207,15 +223,23 @@ def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) ->
                 papermill.execute_notebook(
                     notebook, str(tmp_executed), parameters=parameters,
                     kernel_name=ensure_kernel(), cwd=str(plan.root), progress_bar=False,
-                    log_output=logger.isEnabledFor(logging.DEBUG))
+                    log_output=logger.isEnabledFor(logging.DEBUG),
+                    kernel_manager_class=quiet_kernel_manager(),
+                    extra_arguments=KERNEL_ARGUMENTS,
+                    coalesce_streams=True)  # one stream per cell
             except papermill.PapermillExecutionError as error:
+                _lighten(plan, stage, tmp_executed)
                 shutil.copyfile(tmp_executed, executed)  # keep the failing copy to read
                 raise StageFailed(_describe_failure(stage, error, executed)) from None
+            _lighten(plan, stage, tmp_executed)
         seconds = time.perf_counter() - started
+        _warn_if_heavy(stage, executed)
         manifest = artifacts.Manifest(
             stage=stage.name, profile=plan.profile, key=key,
             parameters=plan.parameters[stage.name], inputs=inputs,
-            outputs=artifacts.hash_files(work), seconds=round(seconds, 2))
+            outputs=artifacts.hash_files(work), seconds=round(seconds, 2),
+            finished=datetime.now(UTC).isoformat(timespec="seconds"),
+            machine=artifacts.machine_summary())
         manifest.save(work)
         artifacts.replace_folder(work, final)
         return seconds
@@ -225,12 +249,40 @@ def execute_stage(plan: Plan, stage: Stage, key: str, inputs: dict[str, str]) ->
 
 
 def _remove_leftovers(profile_folder: Path, stage: str) -> None:
-    """Delete what a killed run left behind: partial stage folders and temporary notebooks."""
+    """Delete what a killed run left behind: partial stage folders and temporary notebooks.
+
+    Called only while this process holds the profile's run lock, so no live run owns them.
+    """
     leftovers = [*profile_folder.glob(f".{stage}.partial-*"),
                  *(profile_folder / "executed").glob(f".{stage}.*.tmp.ipynb")]
     for path in leftovers:
-        logger.info("%s: removing %s left by an interrupted run", stage, path.name)
+        logger.info("%s: removing %s left by a run that has ended", stage, path.name)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _lighten(plan: Plan, stage: Stage, notebook_path: Path) -> None:
+    """Store printed text as a terminal shows it, floods shortened; the whole text goes to
+    ``artifacts/<profile>/logs/<stage>.log`` (see :mod:`moecollab.stream_text`)."""
+    import nbformat
+
+    log = plan.artifacts_root / plan.profile / "logs" / f"{stage.name}.log"
+    try:
+        shown = log.relative_to(plan.root).as_posix()
+    except ValueError:
+        shown = f"artifacts/{plan.profile}/logs/{stage.name}.log"
+    notebook = nbformat.read(notebook_path, as_version=4)
+    text = stream_text.lighten_notebook(notebook, shown)
+    nbformat.write(notebook, notebook_path)
+    with artifacts.atomic_path(log) as tmp:
+        tmp.write_text(text)
+
+
+def _warn_if_heavy(stage: Stage, executed: Path) -> None:
+    size = executed.stat().st_size
+    if size > NOTEBOOK_SIZE_WARNING:
+        logger.warning("%s: the executed notebook is %.1f MB (over %.0f MB); look for a cell "
+                       "that prints or displays too much", stage.name, size / 1e6,
+                       NOTEBOOK_SIZE_WARNING / 1e6)
 
 
 def _describe_failure(stage: Stage, error, executed: Path) -> str:
@@ -239,6 +291,26 @@ def _describe_failure(stage: Stage, error, executed: Path) -> str:
     return (f"stage {stage.name} failed in cell {error.exec_count}: {error.ename}: "
             f"{error.evalue}\n  cell source (last lines):\n{excerpt}\n"
             f"  executed notebook kept at {executed}")
+
+
+def quiet_kernel_manager() -> type:
+    """jupyter_client's kernel manager, minus the SIGINT it sends before every shutdown.
+
+    ``shutdown_kernel`` interrupts the kernel first, in case a cell is still running. Ours have
+    finished (or failed) by then; an interrupt that lands while the kernel is still handling
+    its last message makes ipykernel log "KeyboardInterrupt caught in kernel" on the terminal
+    although the stage succeeded. A kernel that does not stop at the shutdown request is still
+    terminated, then killed, by the manager.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietShutdownKernelManager(AsyncKernelManager):
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:
+                return
+            await super()._async_interrupt_kernel()
+
+    return QuietShutdownKernelManager
 
 
 def ensure_kernel() -> str:
@@ -274,8 +346,10 @@ def build_book(profile: str = "default", root: Path | None = None,
         raise ParameterError(f"builder must be one of {', '.join(BUILDERS)}; got {builder!r}")
     root = root or artifacts.repo_root()
     name = profile_name(profile)
-    executed = (artifacts_root or root / "artifacts") / name / "executed"
-    chapters = root / "book" / "notebooks"
+    artifacts_root = artifacts_root or root / "artifacts"
+    executed = artifacts_root / name / "executed"
+    manifests = book.load_manifests(artifacts_root / name)
+    chapters = root / book.NOTEBOOK_FOLDER
     if chapters.exists():
         shutil.rmtree(chapters)
     chapters.mkdir(parents=True)
@@ -285,13 +359,17 @@ def build_book(profile: str = "default", root: Path | None = None,
             raise artifacts.ArtifactError(
                 f"no executed notebook for stage {stage.name} in {executed}; run: "
                 f"python -m moecollab run --profile {profile}")
-        if nbformat.read(source, as_version=4).metadata.get("papermill", {}).get("exception"):
+        notebook = nbformat.read(source, as_version=4)
+        if notebook.metadata.get("papermill", {}).get("exception"):
             raise StageFailed(f"the executed notebook {source} ended with an error; re-run "
                               f"the stage before building the book")
-        shutil.copyfile(source, chapters / source.name)
+        chapter = book.chapter_notebook(notebook, stage, manifests.get(stage.name), root=root,
+                                        artifacts_root=artifacts_root, profile=name)
+        nbformat.write(chapter, chapters / source.name)
+    book.write_downloads_page(root, artifacts_root / name)
+    book.write_status_page(root, name, manifests)
+    appendix.write_appendix_parts(root, artifacts_root / name)
     # Jupyter Book 1's command sits beside this Python (never `jupyter book`, which is JB2's).
-    write_downloads_page(root, (artifacts_root or root / "artifacts") / name)
-    appendix.write_appendix_parts(root, (artifacts_root or root / "artifacts") / name)
     command = [str(Path(sys.executable).parent / "jupyter-book"), "build", str(root), "--all",
                "-q"]
     if builder == "pdf":
@@ -313,28 +391,8 @@ def build_book(profile: str = "default", root: Path | None = None,
 
 
 BUILDERS = {"html": "html", "latex": "latex", "pdf": "pdflatex"}  # ours → Jupyter Book's
-GENERATED_PAGES = ("book/downloads",)  # written by build_book, listed in _toc.yml
+GENERATED_PAGES = book.GENERATED_PAGES  # written by build_book, listed in _toc.yml
 # book/generated/ holds the parts that book/appendix.md includes (moecollab.appendix).
-
-
-def write_downloads_page(root: Path, profile_folder: Path) -> Path:
-    """Copy every stage's CSV tables next to the book and list them on a downloads page."""
-    data_folder = root / "book" / "data"
-    if data_folder.exists():
-        shutil.rmtree(data_folder)
-    lines = ["# Download the tables", "",
-             "Every table the chapters show, as CSV files written by the stages of this run.",
-             "", "| stage | table |", "|---|---|"]
-    for stage in STAGES:
-        for table in sorted((profile_folder / stage.name).glob("*.csv")):
-            target = data_folder / stage.name / table.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(table, target)
-            lines.append(f"| {stage.name} | {{download}}`{table.name} "
-                         f"<data/{stage.name}/{table.name}>` |")
-    page = root / "book" / "downloads.md"
-    page.write_text("\n".join(lines) + "\n")
-    return page
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -377,6 +435,9 @@ def build_parser(root: Path) -> argparse.ArgumentParser:
     run_parser.add_argument("--only", metavar="STAGE", help="run just this stage")
     run_parser.add_argument("--force", action="store_true",
                             help="re-run the selected stages even when unchanged")
+    run_parser.add_argument("--wait", action="store_true",
+                            help="if another run is writing this profile, wait for it to end "
+                                 "(default: stop with a message naming it)")
     book_parser = commands.add_parser("book", help="build the book from executed notebooks")
     book_parser.add_argument("--profile", default="default")
     book_parser.add_argument("--no-strict", dest="strict", action="store_false",
@@ -400,13 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             plan = make_plan(args.profile, args.overrides, args.from_stage, args.only,
                              args.force, root=root)
-            run(plan)
+            run(plan, wait=args.wait)
             logger.info("artifacts in %s", plan.artifacts_root / plan.profile)
         else:
             index = build_book(args.profile, root=root, strict=args.strict,
                                builder="pdf" if args.pdf else "html")
             logger.info("book: %s", index)
-    except (ParameterError, artifacts.ArtifactError, StageFailed) as error:
+    except (ParameterError, artifacts.ArtifactError, StageFailed, ProfileBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ParameterError) else 1
     except KeyboardInterrupt:
