@@ -102,7 +102,9 @@ def test_claim_5_needs_every_baseline_beaten():
     assert _claim5(BETTER, TIED).verdict == PARTLY
     assert _claim5(TIED, TIED).verdict == DOES_NOT_SUPPORT           # straddles zero: no win
     assert _claim5(BETTER, BETTER, WORSE).verdict == DOES_NOT_SUPPORT  # one loss is enough
-    assert "worse than b2" in _claim5(BETTER, BETTER, WORSE).reason
+    assert "beats 2 of 3 baselines beyond noise, ties 0 and loses to 1" in _claim5(
+        BETTER, BETTER, WORSE).reason
+    assert "b2 0.300, -0.050 [-0.080, -0.020] worse" in _claim5(BETTER, BETTER, WORSE).reason
     assert _claim5(BETTER, UNKNOWN).verdict == PARTLY
     assert _claim5(UNKNOWN).verdict == NOT_JUDGED
     assert _claim5().verdict == NOT_JUDGED
@@ -119,11 +121,18 @@ def test_claim_5_on_perplexity_reads_lower_as_better():
 def test_claim_5_reports_intervals_best_baseline_and_chance():
     comparisons = [Comparison("random", 0.26, BETTER), Comparison("reap", 0.33, TIED)]
     verdict = claims.pruning_claim(0.35, comparisons, 0.25, metric="acc_norm")
-    assert "reap 0.330, difference +0.010 [-0.020, +0.040] (tied)" in verdict.reason
+    assert verdict.reason.startswith("at 25% pruned, on acc_norm, CAEP (0.350) beats 1 of 2 "
+                                     "baselines beyond noise, ties 1 and loses to 0")
+    assert "reap 0.330, +0.010 [-0.020, +0.040] tied" in verdict.reason
     assert "best baseline reap" in verdict.reason and "95% paired interval" in verdict.reason
     at_chance = claims.pruning_claim(0.35, comparisons, 0.25, metric="acc_norm",
                                      not_judged_reason="the unpruned model is at chance")
     assert at_chance.verdict == NOT_JUDGED and at_chance.reason.startswith("the unpruned")
+    # Large perplexities are shown without spurious decimals.
+    ppl = claims.pruning_claim(20427806.9, [Comparison("reap", 20446403.7,
+                                                       Interval(-18596.7, -3.5e6, 3.3e5))],
+                               0.25, metric="word perplexity", higher_is_better=False)
+    assert "CAEP (20427807)" in ppl.reason and "-18597 [-3500000, +330000] tied" in ppl.reason
 
 
 # ---- claim 6 ----------------------------------------------------------------------------------

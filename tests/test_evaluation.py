@@ -652,6 +652,7 @@ def test_compact_samples_keep_what_the_item_table_needs():
          "word_perplexity": (-4.5, 3)},
     ]
     compact = evaluation._compact_samples(samples)
+    assert evaluation._compact_samples(compact) == compact  # idempotent (child processes)
     assert compact == [
         {"doc_id": 0, "n_choices": 2, "acc": 0.0, "acc_norm": 1.0},
         {"doc_id": 1, "n_choices": 2, "acc": 1.0, "acc_norm": 0.0},

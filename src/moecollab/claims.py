@@ -315,36 +315,39 @@ def pruning_claim(caep_value: float, comparisons: Sequence[Comparison], ratio: f
     ...               0.25, metric="acc").verdict
     'partly'
     """
-    parts = []
-    outcomes = []
-    for comparison in comparisons:
-        outcome = comparison_outcome(comparison.difference, higher_is_better)
-        outcomes.append(outcome)
-        parts.append(f"{comparison.baseline} {comparison.baseline_value:.3f}, difference "
-                     f"{comparison.difference.text()} ({outcome})")
+    outcomes = [comparison_outcome(c.difference, higher_is_better) for c in comparisons]
+    digits = _digits(caep_value, *(c.baseline_value for c in comparisons))
+    parts = [f"{c.baseline} {c.baseline_value:.{digits}f}, {c.difference.text(digits=digits)} "
+             f"{outcome}" for c, outcome in zip(comparisons, outcomes, strict=True)]
     known = [c for c, outcome in zip(comparisons, outcomes, strict=True) if outcome != "unknown"]
-    best = None
+    counts = {name: outcomes.count(name) for name in ("better", "tied", "worse")}
+    confidence = comparisons[0].difference.confidence if comparisons else 0.95
+    summary = (f"at {100 * ratio:.0f}% pruned, on {metric}, CAEP ({caep_value:.{digits}f}) beats "
+               f"{counts['better']} of {len(comparisons)} baselines beyond noise, ties "
+               f"{counts['tied']} and loses to {counts['worse']}")
+    details = (f"CAEP minus each baseline, {100 * confidence:.0f}% paired interval: "
+               + "; ".join(parts))
     if known:
         pick = max if higher_is_better else min
-        best = pick(known, key=lambda c: c.baseline_value)
-    confidence = comparisons[0].difference.confidence if comparisons else 0.95
-    numbers = (f"at {100 * ratio:.0f}% pruned, {metric}: CAEP {caep_value:.3f}; against "
-               + "; ".join(parts) + f" (CAEP minus baseline, {100 * confidence:.0f}% paired "
-               "interval)")
-    if best is not None:
-        numbers += f"; best baseline {best.baseline}"
+        details += f"; best baseline {pick(known, key=lambda c: c.baseline_value).baseline}"
+    numbers = f"{summary} ({details})"
     if not_judged_reason:
-        return Verdict(NOT_JUDGED, f"{not_judged_reason} ({numbers})")
+        return Verdict(NOT_JUDGED, f"{not_judged_reason}; {numbers}")
     if not known:
         return Verdict(NOT_JUDGED, numbers + "; no paired interval")
-    if "worse" in outcomes:
-        losers = [c.baseline for c, o in zip(comparisons, outcomes, strict=True) if o == "worse"]
-        return Verdict(DOES_NOT_SUPPORT, numbers + f"; CAEP is worse than {', '.join(losers)}")
-    if all(outcome == "better" for outcome in outcomes):
+    if counts["worse"]:
+        return Verdict(DOES_NOT_SUPPORT, numbers)
+    if counts["better"] == len(comparisons):
         return Verdict(SUPPORTS, numbers)
-    if "better" in outcomes:
-        return Verdict(PARTLY, numbers + "; CAEP does not beat every baseline")
-    return Verdict(DOES_NOT_SUPPORT, numbers + "; CAEP beats no baseline beyond noise")
+    if counts["better"]:
+        return Verdict(PARTLY, numbers)
+    return Verdict(DOES_NOT_SUPPORT, numbers)
+
+
+def _digits(*values: float) -> int:
+    """Decimals that show a score: 3 for accuracies, fewer for large perplexities."""
+    largest = max((abs(v) for v in values if not _is_nan(v)), default=0.0)
+    return 3 if largest < 10 else 2 if largest < 1000 else 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -821,11 +821,16 @@ def _entries_of_raw(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, d
 def _compact_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """What :func:`item_table` needs of lm-eval's logged samples: per document, its id, the
     number of choices and each metric's per-document value (pairs such as perplexity's
-    ``(loglikelihood, words)`` kept as pairs). Documents, prompts and responses are dropped."""
+    ``(loglikelihood, words)`` kept as pairs). Documents, prompts and responses are dropped.
+    Rows that are already compact (no ``metrics`` list: a child process compacted them) are
+    kept as they are."""
     rows: dict[int, dict[str, Any]] = {}
     for sample in samples:
         doc_id = int(sample["doc_id"])
         if doc_id in rows:  # a second filter of the same document: keep the first
+            continue
+        if "metrics" not in sample:
+            rows[doc_id] = dict(sample)
             continue
         row: dict[str, Any] = {"doc_id": doc_id}
         metrics = list(sample.get("metrics", []))
