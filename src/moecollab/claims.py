@@ -25,11 +25,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from moecollab.paired import Comparison, Interval
+import pandas as pd
+
+from moecollab.paired import PAPER_ACCURACY, Comparison, Interval
 
 __all__ = [
     "DOES_NOT_SUPPORT", "MAX_OWN_FIELD_COST", "NOT_JUDGED", "PARTLY", "SUPPORTS", "Comparison",
-    "Verdict", "accuracy_is_informative", "annotation_claim", "coactivation_claim",
+    "Verdict", "accuracy_evidence", "accuracy_is_informative", "annotation_claim", "coactivation_claim",
     "comparison_outcome", "coverage_claim", "domain_pruning_claim", "domain_similarity_claim",
     "pruning_claim", "routing_health_passed", "unless_routing_healthy",
 ]
@@ -101,6 +103,39 @@ def accuracy_is_informative(unpruned: Interval, chance: float) -> bool:
     False
     """
     return not _is_nan(unpruned.low) and unpruned.low > chance
+
+
+def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
+                      standard_items: pd.DataFrame | None,
+                      models: Sequence[str]) -> dict[str, object]:
+    """Which accuracy claims 5a/5b are read on: the paper's standard tasks when every compared
+    model was evaluated on them, the corpus multiple choice otherwise.
+
+    Returns
+    -------
+    dict
+        ``items``, ``tasks``, ``metric`` (for :func:`moecollab.paired.resample_tasks`) and
+        ``label`` (for the reason).
+
+    Examples
+    --------
+    >>> local = pd.DataFrame({"mask": ["u", "c"], "task": ["mcq", "mcq"], "n_choices": [4, 4]})
+    >>> standard = pd.DataFrame({"mask": ["u"], "task": ["arc"], "n_choices": [4]})
+    >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
+    ['mcq']
+    >>> standard = pd.concat([standard, standard.assign(mask="c")])
+    >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
+    ['arc']
+    """
+    if standard_items is not None and len(standard_items) and \
+            set(models) <= set(standard_items["mask"]):
+        tasks = sorted(standard_items.loc[standard_items["n_choices"].notna(), "task"].unique())
+        if tasks:
+            return {"items": standard_items, "tasks": tasks, "metric": PAPER_ACCURACY,
+                    "label": "accuracy (acc_norm, acc where a task has none), the paper's "
+                             "standard tasks"}
+    return {"items": local_items, "tasks": list(local_tasks), "metric": "acc_norm",
+            "label": "acc_norm, corpus multiple choice on held-out headwords"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +273,7 @@ def annotation_claim(purity: float, random_q95: float, n_recognisable: int, n_at
     if control is None:
         numbers += "; no untrained control to compare with"
     else:
-        numbers += (f"; minus the untrained twin's purity {control.text()}"
+        numbers += (f"; trained minus untrained twin {control.text()}"
                     f" ({100 * control.confidence:.0f}% paired interval)")
     numbers += f"; {recognised}"
     if _is_nan(purity, random_q95) or n_atoms <= 0:
