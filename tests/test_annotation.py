@@ -14,7 +14,6 @@ from matplotlib.figure import Figure
 
 from moecollab import plotting
 from moecollab.annotation import (
-    recognisable_atoms,
     UNASSIGNED,
     assign_atoms,
     atom_colours,
@@ -26,6 +25,7 @@ from moecollab.annotation import (
     pick_passages,
     piece_kinds,
     random_purity,
+    recognisable_atoms,
     render_passages_html,
 )
 

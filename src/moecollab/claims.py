@@ -31,9 +31,10 @@ from moecollab.paired import PAPER_ACCURACY, Comparison, Interval
 
 __all__ = [
     "DOES_NOT_SUPPORT", "MAX_OWN_FIELD_COST", "NOT_JUDGED", "PARTLY", "SUPPORTS", "Comparison",
-    "Verdict", "accuracy_evidence", "accuracy_is_informative", "annotation_claim", "coactivation_claim",
-    "comparison_outcome", "coverage_claim", "domain_pruning_claim", "domain_similarity_claim",
-    "pruning_claim", "routing_health_passed", "unless_routing_healthy",
+    "Verdict", "accuracy_evidence", "accuracy_is_informative", "annotation_claim",
+    "coactivation_claim", "comparison_outcome", "coverage_claim", "domain_pruning_claim",
+    "domain_similarity_claim", "pruning_claim", "routing_health_passed",
+    "unless_routing_healthy",
 ]
 
 SUPPORTS = "supports"
