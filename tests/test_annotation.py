@@ -25,6 +25,7 @@ from moecollab.annotation import (
     pick_passages,
     piece_kinds,
     random_purity,
+    recognisable_atoms,
     render_passages_html,
 )
 
@@ -174,6 +175,39 @@ def test_labels_name_domain_and_tokens(statistics, labels):
         assert 0.5 < by_atom.loc[atom, "confidence"] <= 1.0
     assert "digits" in by_atom.loc[2, "label"] and by_atom.loc[2, "kind"] == "digit"
     assert by_atom.loc[0, "kind"] == ""  # word-initial is not named beside a domain
+
+
+def test_labels_lead_with_what_dominates_and_flag_weak_fields():
+    # Atom 0 is morphology ('ing', 's', 'ed') with a slight excess of law; atom 1 is plain law
+    # words; atom 2 mixes every field. Law is significantly over-represented in atom 0 (39%
+    # against 25% overall) but weakly: the token kind leads and the field is flagged as weak.
+    rng = np.random.default_rng(0)
+    fields = ["law", "chem", "bio", "art"]
+    rows = []
+    for _ in range(400):  # atom 0
+        field = "law" if rng.random() < 0.19 else fields[rng.integers(4)]
+        rows.append((0, rng.choice(["ing", "s", "ed"]), field))
+    for _ in range(150):  # atom 1
+        rows.append((1, rng.choice([" court", " statute", " writ"]), "law"))
+    for _ in range(600):  # atom 2
+        rows.append((2, rng.choice([" the", " of", " a", " it"]), fields[rng.integers(1, 4)]))
+    atoms = np.array([row[0] for row in rows])
+    tokens = pd.DataFrame({"text_piece": [row[1] for row in rows],
+                           "domain": [row[2] for row in rows]})
+    labels = label_atoms(atom_statistics(atoms, tokens, n_examples=0)).set_index("atom")
+    morphology = labels.loc[0]
+    assert morphology["leads"] == "kind" and morphology["kind"] == "continuation"
+    assert morphology["label"].startswith("sub-word continuations · ")
+    assert morphology["field_strength"] == "weak"
+    assert morphology["label"].endswith(" · weak law enrichment")
+    assert labels.loc[1, "leads"] == "field" and labels.loc[1, "field_strength"] == "strong"
+    assert labels.loc[1, "label"].startswith("law · ")
+    # Whole words of every field: word position leads the label, but says nothing
+    # recognisable about the atom.
+    assert labels.loc[2, "kind"] == "word_initial"
+    assert recognisable_atoms(labels.reset_index()).tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="strong_field_excess"):
+        label_atoms(atom_statistics(atoms, tokens, n_examples=0), strong_field_excess=1.5)
 
 
 def test_token_mix_and_piece_kinds(statistics):

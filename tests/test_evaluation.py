@@ -566,6 +566,13 @@ def test_exported_checkpoints_run_in_a_child_process_like_in_memory(model, token
                                     limit=3, bootstrap_iters=0)
     acc = results.set_index("metric").loc["acc", "value"]
     assert acc == in_memory["results"]["moecollab_mcq_law_test"]["acc,none"]
+    # The child process returns the per-document rows too, equal to the in-memory ones.
+    _, child_items = evaluation.evaluate_checkpoints(
+        {row["mask"]: (row["path"], row["key"])}, tasks, task_dir, backend="hf",
+        dtype="float32", device="cpu", batch_size=8, cache_dir=tmp_path / "cache", limit=3,
+        bootstrap_iters=0, progress=False, return_items=True)
+    pd.testing.assert_frame_equal(child_items.drop(columns="mask"),
+                                  evaluation.item_table(in_memory))
     # Cached: a second call starts no child process.
     monkeypatch.setattr(evaluation, "_run_in_child",
                         lambda spec: pytest.fail("evaluated again despite the cache"))
@@ -574,3 +581,80 @@ def test_exported_checkpoints_run_in_a_child_process_like_in_memory(model, token
         dtype="float32", device="cpu", batch_size=8, cache_dir=tmp_path / "cache", limit=3,
         bootstrap_iters=0, progress=False)
     pd.testing.assert_frame_equal(results, again)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-document results (paired comparisons)
+# --------------------------------------------------------------------------------------------
+
+
+def test_item_table_reproduces_every_task_metric(model, tokenizer, task_dir, tmp_path):
+    from moecollab import paired
+
+    tasks = ["moecollab_mcq_test", "moecollab_ppl"]
+    raw = evaluation.evaluate(model, tokenizer, tasks, task_dir, model_key="tiny",
+                              cache_dir=tmp_path, limit=3, batch_size=8)
+    items = evaluation.item_table(raw)
+    assert list(items.columns) == list(paired.ITEM_COLUMNS[1:])
+    mcq = items[items["task"].str.startswith("moecollab_mcq")]
+    ppl = items[items["task"].str.startswith("moecollab_ppl")]
+    assert set(mcq["task"]) == {f"moecollab_mcq_{d}_test" for d in DOMAINS}
+    assert set(ppl["task"]) == {f"moecollab_ppl_{d}" for d in DOMAINS}
+    assert (mcq.groupby("task").size() == 3).all() and (mcq["n_choices"] == 4).all()
+    assert mcq["acc"].isin([0.0, 1.0]).all() and ppl["acc"].isna().all()
+    assert (ppl["loglikelihood"] < 0).all() and (ppl["n_bytes"] > ppl["n_words"]).all()
+    assert set(mcq["split"]) == {"test"} and set(mcq["domain"]) == set(DOMAINS)
+
+    # Every task's lm-eval metric is recomputed exactly from the per-document rows.
+    table = evaluation.results_table(raw).set_index(["task", "metric"])["value"]
+    for metric, rows in (("acc", mcq), ("acc_norm", mcq), ("word_perplexity", ppl),
+                         ("byte_perplexity", ppl), ("bits_per_byte", ppl)):
+        recomputed = paired.resample_tasks(rows.assign(mask="tiny"), ["tiny"], metric,
+                                           n_resamples=1)
+        for task, value in zip(recomputed.tasks, recomputed.point["tiny"], strict=True):
+            assert value == pytest.approx(table[(task, metric)], rel=1e-9), (task, metric)
+    # The groups are the unweighted means of these.
+    assert table[("moecollab_ppl", "word_perplexity")] == pytest.approx(
+        paired.resample_tasks(ppl.assign(mask="t"), ["t"], "word_perplexity",
+                              n_resamples=1).group("t")[0])
+
+    # The cache keeps the per-document rows: a second call reads the same table.
+    again = evaluation.evaluate(model, tokenizer, tasks, task_dir, model_key="tiny",
+                                cache_dir=tmp_path, limit=3, batch_size=8)
+    assert again["evaluated"] == []
+    pd.testing.assert_frame_equal(evaluation.item_table(again), items)
+
+
+def test_evaluate_masks_returns_paired_items(model, tokenizer, task_dir, tmp_path):
+    keep = np.ones((3, 8), dtype=bool)
+    keep[:, :4] = False
+    masks = {"unpruned": None, "all_kept": np.ones((3, 8), dtype=bool), "half": keep}
+    results, items = evaluation.evaluate_masks(
+        model, tokenizer, masks, ["moecollab_mcq_test"], task_dir, base_key="tiny",
+        cache_dir=tmp_path, limit=2, progress=False, batch_size=8, return_items=True)
+    assert set(results["mask"]) == set(items["mask"]) == set(masks)
+    assert items.columns[0] == "mask"
+    by_mask = {name: rows.drop(columns="mask").reset_index(drop=True)
+               for name, rows in items.groupby("mask")}
+    pd.testing.assert_frame_equal(by_mask["all_kept"], by_mask["unpruned"])
+    for name in masks:  # the same documents for every model: comparisons can be paired
+        assert by_mask[name][["task", "doc_id"]].equals(by_mask["unpruned"][["task", "doc_id"]])
+
+
+def test_compact_samples_keep_what_the_item_table_needs():
+    samples = [
+        {"doc_id": 1, "arguments": [("q", " a"), ("q", " b")], "metrics": ["acc", "acc_norm"],
+         "acc": 1.0, "acc_norm": 0.0, "filter": "none", "doc": {"text": "long"}},
+        {"doc_id": 0, "arguments": [("q", " a"), ("q", " b")], "metrics": ["acc", "acc_norm"],
+         "acc": 0.0, "acc_norm": 1.0, "filter": "none"},
+        {"doc_id": 1, "metrics": ["acc"], "acc": 0.0, "filter": "other"},  # a second filter
+        {"doc_id": 2, "arguments": [("", "text")], "metrics": ["word_perplexity"],
+         "word_perplexity": (-4.5, 3)},
+    ]
+    compact = evaluation._compact_samples(samples)
+    assert evaluation._compact_samples(compact) == compact  # idempotent (child processes)
+    assert compact == [
+        {"doc_id": 0, "n_choices": 2, "acc": 0.0, "acc_norm": 1.0},
+        {"doc_id": 1, "n_choices": 2, "acc": 1.0, "acc_norm": 0.0},
+        {"doc_id": 2, "word_perplexity": [-4.5, 3.0]},
+    ]

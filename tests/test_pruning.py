@@ -21,9 +21,11 @@ from moecollab.pruning import (
     count_parameters_pruned,
     expert_forward,
     expert_scores,
+    fit_calibration_dictionary,
     keep_mask_from_scores,
     load_pruned,
     n_kept,
+    n_kept_in_all,
     random_keep_mask,
     reapply_masks,
     save_pruned,
@@ -165,6 +167,120 @@ def test_caep_rejects_bad_arguments(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         caep_keep_mask(**arguments)
+
+
+# --------------------------------------------------------------------------------------------
+# CAEP at the shared budget; the dictionary it prunes with
+# --------------------------------------------------------------------------------------------
+
+
+def _synthetic_fit(n_layers, n_experts, n_patterns, n_samples, seed):
+    """A sparse non-negative dictionary (N_e x N_p) and codes (N_p x N_s), like an HSDL fit."""
+    rng = np.random.default_rng(seed)
+    n_total = n_layers * n_experts
+    dictionary = rng.random((n_total, n_patterns)) * (rng.random((n_total, n_patterns)) < 0.2)
+    codes = rng.exponential(size=(n_patterns, n_samples)) * (
+        rng.random((n_patterns, n_samples)) < 0.3)
+    return dictionary, codes
+
+
+@pytest.mark.parametrize(("n_layers", "n_experts", "top_k"),
+                         [(4, 16, 2), (2, 8, 2), (3, 10, 2), (6, 32, 4), (16, 64, 8)])
+@pytest.mark.parametrize("prune_ratio", [0.25, 0.5, 0.75])
+def test_caep_exact_keeps_the_shared_budget_on_synthetic_fits(n_layers, n_experts, top_k,
+                                                              prune_ratio):
+    budget = n_layers * n_kept(n_experts, prune_ratio)
+    if n_kept(n_experts, prune_ratio) < top_k:
+        pytest.skip("ratio leaves fewer than top_k experts per layer (refused at plan time)")
+    off_budget = 0
+    for seed in range(6):
+        dictionary, codes = _synthetic_fit(n_layers, n_experts, 24, 50, seed)
+        for k1 in (0.6, 0.9, 1.0):
+            arguments = {"n_experts_per_layer": n_experts, "min_per_layer": top_k}
+            exact = caep_keep_mask(dictionary, codes, k1, prune_ratio, budget="exact",
+                                   **arguments)
+            written = caep_keep_mask(dictionary, codes, k1, prune_ratio, **arguments)
+            assert exact.sum() == budget, (seed, k1)
+            assert (exact.reshape(n_layers, n_experts).sum(axis=1) >= top_k).all()
+            off_budget += int(written.sum() != budget)
+            # What Algorithm 1 kept stays kept when it is below the budget, and what it
+            # dropped stays dropped when it is above.
+            if written.sum() <= budget:
+                assert exact[written].all()
+            else:
+                assert not exact[~written].any()
+    if prune_ratio == 0.5 and (n_layers, n_experts) == (4, 16):
+        assert off_budget > 0  # the as-written variant does miss the budget here
+
+
+def test_caep_exact_trims_what_the_floor_restored():
+    # Two layers of four experts, top-2 floor: Algorithm 1 keeps all of layer 0's experts and
+    # none of layer 1's; the floor restores two in layer 1, so the as-written mask keeps 6
+    # against a budget of 4, and the exact one trims layer 0's weakest experts.
+    dictionary = np.array([[4.0], [3.0], [2.0], [1.0], [0.4], [0.3], [0.2], [0.1]])
+    codes = np.ones((1, 3))
+    arguments = {"n_experts_per_layer": 4, "min_per_layer": 2}
+    written = caep_keep_mask(dictionary, codes, 0.5, 0.5, **arguments)
+    assert written.astype(int).tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    exact = caep_keep_mask(dictionary, codes, 0.5, 0.5, budget="exact", **arguments)
+    assert exact.astype(int).tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+    with pytest.raises(ValueError, match="budget must be one of"):
+        caep_keep_mask(dictionary, codes, 0.5, 0.5, budget="equal", **arguments)
+
+
+def test_caep_from_hsdl_passes_the_budget():
+    rng = np.random.default_rng(1)
+    dictionary = rng.random((5, 12)) * (rng.random((5, 12)) < 0.4)
+    codes = rng.random((30, 5))
+    fitted = SimpleNamespace(dictionaries_=[dictionary], transform=lambda X: [codes])
+    for budget in ("exact", "as_written"):
+        keep = caep_from_hsdl(fitted, None, threshold_ratio=0.9, prune_ratio=0.5, n_experts=6,
+                              min_per_layer=2, budget=budget)
+        expected = caep_keep_mask(dictionary.T, codes.T, 0.9, 0.5, n_experts_per_layer=6,
+                                  min_per_layer=2, budget=budget)
+        assert (keep.ravel() == expected).all()
+    assert caep_from_hsdl(fitted, None, threshold_ratio=0.9, prune_ratio=0.5, n_experts=6,
+                          min_per_layer=2, budget="exact").sum() == 6
+
+
+@pytest.mark.parametrize(("n_layers", "n_experts", "prune_ratio"),
+                         [(3, 10, 0.25), (4, 16, 0.3), (2, 8, 0.75), (5, 6, 0.5)])
+def test_global_and_per_layer_baselines_keep_the_same_count(n_layers, n_experts, prune_ratio):
+    scores = np.random.default_rng(0).random((n_layers, n_experts))
+    per_layer = keep_mask_from_scores(scores, prune_ratio, scope="per_layer", min_per_layer=1)
+    global_keep = keep_mask_from_scores(scores, prune_ratio, scope="global", min_per_layer=1)
+    assert global_keep.sum() == per_layer.sum() == n_kept_in_all(n_layers, n_experts,
+                                                                  prune_ratio)
+    # REAP as its authors run it: the same number in every layer.
+    assert len(set(per_layer.sum(axis=1).tolist())) == 1
+
+
+def test_the_pruning_dictionary_never_sees_evaluation_text():
+    from moecollab.hsdl import HSDL
+    from moecollab.synthetic import make_planted_hierarchy
+
+    planted = make_planted_hierarchy(n_samples=300, random_state=0)
+    template = HSDL(n_atoms=(4, 2), n_epochs=2, random_state=0)
+    splits = np.array(["validation"] * 300, dtype=object)
+    fitted = fit_calibration_dictionary(template, planted.X, splits,
+                                        calibration_split="validation")
+    assert fitted is not template and not hasattr(template, "dictionaries_")
+    assert fitted.get_params() == template.get_params()
+    assert fitted.dictionaries_[0].shape == (4, planted.X.shape[1])
+    leaked = splits.copy()
+    leaked[17] = "test"
+    with pytest.raises(ValueError, match=r"\['test'\] is evaluation text"):
+        fit_calibration_dictionary(template, planted.X, leaked, calibration_split="validation")
+    other = splits.copy()
+    other[3] = "train"
+    with pytest.raises(ValueError, match="'validation' split only"):
+        fit_calibration_dictionary(template, planted.X, other, calibration_split="validation")
+    with pytest.raises(ValueError, match="must not be an evaluation split"):
+        fit_calibration_dictionary(template, planted.X, np.array(["test"] * 300),
+                                   calibration_split="test")
+    with pytest.raises(ValueError, match="one entry per row"):
+        fit_calibration_dictionary(template, planted.X, splits[:-1],
+                                   calibration_split="validation")
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,70 @@ def test_stage_00_writes_a_loadable_model_and_its_checks(smoke_artifacts):
     assert (folder / "mcq_items.parquet").is_file()
 
 
+def test_no_evaluation_text_reaches_the_pruning_dictionary(smoke_artifacts):
+    import pandas as pd
+
+    from moecollab import data
+    from moecollab.hsdl import load_hsdl
+
+    folder = smoke_artifacts / "smoke" / "05_pruning"
+    seen = pd.read_csv(folder / "pruning_dictionary_entries.csv")
+    assert set(seen["split"]) == {"validation"} and len(seen) > 0
+    corpus = data.load_corpus()
+    test_entries = set(corpus.loc[corpus["split"] == "test", "entry_id"])
+    assert test_entries and not set(seen["entry_id"]) & test_entries
+    # What stage 06 evaluates comes from test entries: held-out headwords and test text.
+    items = pd.read_parquet(smoke_artifacts / "smoke" / "00_model" / "mcq_items.parquet")
+    assert set(items.loc[items["split"] == "test", "entry_id"]) <= test_entries
+    # The pruning dictionary has the analysis fit's settings, and is another fit.
+    pruning_fit = load_hsdl(folder / "pruning_hsdl")
+    analysis_fit = load_hsdl(smoke_artifacts / "smoke" / "03_hsdl" / "hsdl")
+    assert pruning_fit.get_params() == analysis_fit.get_params()
+    assert not (pruning_fit.dictionaries_[0] == analysis_fit.dictionaries_[0]).all()
+
+
+def test_every_compared_method_keeps_the_same_number_of_experts(smoke_artifacts):
+    import pandas as pd
+
+    catalogue = pd.read_csv(smoke_artifacts / "smoke" / "05_pruning" / "masks.csv")
+    compared = catalogue[catalogue["role"].isin(["method", "baseline"])]
+    assert set(compared["method"]) == {"caep", "frequency", "seer", "reap", "output_impact",
+                                       "random"}
+    assert (compared.groupby("ratio")["kept"].nunique() == 1).all()
+    reap = catalogue[catalogue["method"] == "reap"]
+    assert (reap["scope"] == "per_layer").all()
+    for per_layer in reap["kept_per_layer"]:  # REAP as published: the same count per layer
+        assert len(set(per_layer.split())) == 1
+    assert {"caep_as_written", "reap_global", "output_impact_global"} <= set(
+        catalogue.loc[catalogue["role"] == "variant", "method"])
+
+
+def test_verdicts_carry_paired_intervals_over_the_same_items(smoke_artifacts):
+    import pandas as pd
+
+    folder = smoke_artifacts / "smoke" / "06_evaluation"
+    items = pd.read_parquet(folder / "items.parquet")
+    documents = items.groupby("mask").apply(
+        lambda rows: tuple(sorted(zip(rows["task"], rows["doc_id"], strict=True))),
+        include_groups=False)
+    assert documents.nunique() == 1  # every model answered exactly the same items
+    verdicts = artifacts.read_json(folder / "claims.json")
+    for key in ("low", "high"):
+        for metric in ("accuracy", "perplexity"):
+            verdict = verdicts[key][metric]
+            assert verdict["verdict"] in {"supports", "partly", "does not support",
+                                          "not judged"}
+            assert "95% paired interval" in verdict["reason"]
+            for baseline in ("random", "frequency", "seer", "reap", "output_impact"):
+                assert f"{baseline} " in verdict["reason"]
+    assert "at most 10% counts as little" in verdicts["domain_pruning"]["reason"]
+    # Stage 00's routing verdict gates the structure claims.
+    healthy = artifacts.read_json(smoke_artifacts / "smoke" / "00_model" / "verdict.json")
+    annotation = artifacts.read_json(smoke_artifacts / "smoke" / "04_annotation" / "claims.json")
+    assert (annotation["annotation"]["verdict"] == "not judged") == (not healthy["healthy"])
+    assert "untrained twin" in annotation["annotation"]["reason"]
+
+
 def test_a_second_run_skips_every_stage(smoke_artifacts):
     assert runner.run(runner.make_plan("smoke", artifacts_root=smoke_artifacts)) == \
         ["skipped"] * len(STAGE_NAMES)

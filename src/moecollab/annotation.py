@@ -38,6 +38,7 @@ __all__ = [
     "domain_purity",
     "enrichment_matrix",
     "label_atoms",
+    "recognisable_atoms",
     "pick_passages",
     "piece_kinds",
     "random_purity",
@@ -612,9 +613,10 @@ def label_atoms(
     n_label_tokens: int = 3,
     mix_threshold: float = 0.6,
     min_excess: float = 0.5,
+    strong_field_excess: float = 0.25,
     size_prior: float = 10.0,
 ) -> pd.DataFrame:
-    """An automatic label and a confidence for every atom, from its statistics.
+    """An automatic label and a confidence for every atom, led by what dominates it.
 
     Parameters
     ----------
@@ -629,51 +631,57 @@ def label_atoms(
         The kind is named only if its share also goes at least this far from its share among
         all assigned tokens towards 1 (``(share - overall) / (1 - overall)``), so a kind that
         fills every atom (word-initial pieces in plain text) names none.
+    strong_field_excess : float, default=0.25
+        A significantly enriched field is **strong** when its share of the atom goes at least
+        this far from its share of all tokens towards 1; otherwise it is **weak**, and it never
+        leads the label.
     size_prior : float, default=10.0
         Pseudo-size that shrinks the confidence of small atoms (see Notes).
 
     Returns
     -------
     DataFrame, one row per assigned atom
-        ``atom``, ``n_tokens``, ``label``, ``confidence`` (in [0, 1]), ``domain`` (the dominant
-        significantly enriched domain, ``""`` if none), ``domain_share``, ``kind`` (the token
-        kind named, ``""`` if none) and ``tokens`` (the pieces named).
+        ``atom``, ``n_tokens``, ``label``, ``confidence`` (in [0, 1]), ``leads`` (``field``,
+        ``kind`` or ``mixed``: what the label starts with), ``domain`` (the dominant
+        significantly enriched field, ``""`` if none), ``domain_share``, ``field_strength``
+        (``strong``, ``weak`` or ``""``), ``kind`` (the token kind named, ``""`` if none) and
+        ``tokens`` (the pieces named).
 
     Notes
     -----
-    *Label* = ``" · "``-joined: the dominant domain (among the domains significantly enriched
-    in the atom, the one with the largest share of the atom's tokens); then a token-kind phrase
-    ("digits", "punctuation", "whitespace and line breaks", "special tokens", "digits and
-    punctuation", or, only when no domain is named, "word-initial pieces" / "sub-word
-    continuations") when that kind holds at least ``mix_threshold`` of the atom and is enriched
-    by ``min_excess``; then the top enriched pieces in quotes (``'␣'`` marks a space, ``↵`` a
-    line break). With neither a domain nor a kind the label starts with "mixed".
+    *Evidence* for a theme is how far it goes from chance (0) to certainty (1):
+    ``(share - overall) / (1 - overall)``, for the field's share of the atom against its share
+    of all assigned tokens, or for the token kind's. The field is the significantly enriched
+    one with the largest share of the atom; the kind is the first of "digits", "punctuation",
+    "whitespace and line breaks", "special tokens", "word-initial pieces", "sub-word
+    continuations" (morphology: 'ing', 's', 'ed') and "digits and punctuation" that holds at
+    least ``mix_threshold`` of the atom with evidence at least ``min_excess``.
 
-    *Confidence* = ``size_factor × (theme + coverage) / 2`` where
+    *Label* = ``" · "``-joined: the **leading theme**, the strong field or the kind, whichever
+    has more evidence (the field on a tie, and always over word-initial pieces); the other one
+    when present (a word-position kind is not added after a field: most text is
+    word-initial); the top enriched pieces in quotes
+    (``'␣'`` marks a space, ``↵`` a line break); and, when the field is weak, "weak <field>
+    enrichment". With neither a strong field nor a kind the label starts with "mixed".
 
-    - ``theme`` is how far the evidence for the leading phrase goes from chance (0) to certainty
-      (1): ``(share - overall) / (1 - overall)`` for the domain's share of the atom against its
-      share of all assigned tokens, or the same for the token kind; the larger of the two, 0
-      when the label names neither;
-    - ``coverage`` is the share of the atom's tokens that are one of the named pieces (how much
-      of the atom the examples describe);
-    - ``size_factor = n / (n + size_prior)`` shrinks small atoms.
-
-    A pure domain atom with three dominant pieces scores near 1; a mixed atom with a flat
-    vocabulary near 0.
+    *Confidence* = ``size_factor × (lead + coverage) / 2``, where ``lead`` is the leading
+    theme's evidence (0 for "mixed"), ``coverage`` the share of the atom's tokens that are one
+    of the named pieces, and ``size_factor = n / (n + size_prior)`` shrinks small atoms.
 
     Examples
     --------
     >>> tokens = pd.DataFrame({"text_piece": [" writ"] * 6 + ["7"] * 6,
     ...                        "domain": ["law"] * 6 + ["finance"] * 6})
     >>> found = atom_statistics(np.repeat([0, 1], 6), tokens, n_examples=0)
-    >>> label_atoms(found, size_prior=0)[["label", "confidence"]].to_numpy().tolist()
-    [["law · 'writ'", 1.0], ["finance · digits · '7'", 1.0]]
+    >>> label_atoms(found, size_prior=0)[["label", "leads", "confidence"]].to_numpy().tolist()
+    [["law · 'writ'", 'field', 1.0], ["finance · digits · '7'", 'field', 1.0]]
     """
     if not 0 < mix_threshold < 1:
         raise ValueError(f"mix_threshold must be in (0, 1); got {mix_threshold!r}")
     if not 0 <= min_excess <= 1:
         raise ValueError(f"min_excess must be in [0, 1]; got {min_excess!r}")
+    if not 0 <= strong_field_excess <= 1:
+        raise ValueError(f"strong_field_excess must be in [0, 1]; got {strong_field_excess!r}")
     if size_prior < 0:
         raise ValueError(f"size_prior must be >= 0; got {size_prior!r}")
     sizes = statistics.sizes[statistics.sizes["atom"] != UNASSIGNED]
@@ -692,39 +700,74 @@ def label_atoms(
         named = named.head(n_label_tokens)
         coverage = float(named["count"].sum() / n_tokens) if n_tokens else 0.0
 
-        domain, domain_share, domain_evidence = "", np.nan, 0.0
+        domain, domain_share, field_evidence, strength = "", np.nan, 0.0, ""
         significant = domains[(domains["atom"] == atom) & domains["significant"]] \
             if len(domains) else domains
         if len(significant):
             best = significant.sort_values(["atom_share", "z"], ascending=False).iloc[0]
             domain, domain_share = str(best["domain"]), float(best["atom_share"])
-            domain_evidence = _excess(float(best["atom_share"]), float(best["overall_share"]))
+            field_evidence = _excess(float(best["atom_share"]), float(best["overall_share"]))
+            strength = "strong" if field_evidence >= strong_field_excess else "weak"
 
         kind, kind_evidence = "", 0.0
         if atom in mix.index:
             shares = {name: float(mix.loc[atom, f"{name}_share"]) for name in _MIX_PHRASES}
             shares["digit_punctuation"] = shares["digit"] + shares["punctuation"]
-            candidates = []
             for name, share in shares.items():
                 excess = _excess(share, overall_mix[name])
-                # Word position says little beside a domain: most text is word-initial.
-                if share >= mix_threshold and excess >= min_excess and not (
-                        domain and name in ("word_initial", "continuation")):
-                    candidates.append((name, excess))
-            if candidates:
-                kind, kind_evidence = candidates[0]
+                if share >= mix_threshold and excess >= min_excess:
+                    kind, kind_evidence = name, excess
+                    break
         phrase = ("digits and punctuation" if kind == "digit_punctuation"
                   else _MIX_PHRASES.get(kind, ""))
 
-        parts = [part for part in (domain, phrase) if part] or ["mixed"]
+        # Word-initial pieces are most of any text: they never lead over a strong field.
+        field_leads = strength == "strong" and (field_evidence >= kind_evidence
+                                                or kind == "word_initial")
+        if field_leads:
+            leads, lead_evidence = "field", field_evidence
+            # Word position says little beside a field: most text is word-initial.
+            if kind in ("word_initial", "continuation"):
+                kind, phrase = "", ""
+            parts = [domain] + ([phrase] if phrase else [])
+        elif kind:
+            leads, lead_evidence = "kind", kind_evidence
+            parts = [phrase] + ([domain] if strength == "strong" else [])
+        else:
+            leads, lead_evidence, parts = "mixed", 0.0, ["mixed"]
         quoted = ", ".join(_quote(piece) for piece in named["piece"])
-        label = " · ".join([*parts, quoted] if quoted else parts)
+        if quoted:
+            parts.append(quoted)
+        if strength == "weak":
+            parts.append(f"weak {domain} enrichment")
+        label = " · ".join(parts)
         size_factor = n_tokens / (n_tokens + size_prior) if n_tokens + size_prior else 0.0
-        confidence = size_factor * (max(domain_evidence, kind_evidence) + coverage) / 2
+        confidence = size_factor * (lead_evidence + coverage) / 2
         records.append((int(atom), int(n_tokens), label, float(np.clip(confidence, 0, 1)),
-                        domain, domain_share, kind, list(named["piece"])))
+                        leads, domain, domain_share, strength, kind, list(named["piece"])))
     return pd.DataFrame.from_records(records, columns=[
-        "atom", "n_tokens", "label", "confidence", "domain", "domain_share", "kind", "tokens"])
+        "atom", "n_tokens", "label", "confidence", "leads", "domain", "domain_share",
+        "field_strength", "kind", "tokens"])
+
+
+def recognisable_atoms(labels: pd.DataFrame) -> np.ndarray:
+    """Which atoms a label describes as a recognisable group of tokens (the paper's claim 4).
+
+    An atom is recognisable when its label leads with a strongly enriched field or with a
+    token kind other than word-initial pieces (which are most of any text, so they describe
+    nothing in particular).
+
+    Parameters
+    ----------
+    labels : DataFrame
+        From :func:`label_atoms`.
+
+    Returns
+    -------
+    ndarray of bool, one per row of ``labels``
+    """
+    leads, kind = labels["leads"].to_numpy(), labels["kind"].to_numpy()
+    return (leads == "field") | ((leads == "kind") & (kind != "word_initial"))
 
 
 # ---- purity -----------------------------------------------------------------------------------

@@ -32,3 +32,22 @@ def n_kept(n_experts: int, prune_ratio: float) -> int:
     """
     prune_ratio = check_ratio("prune_ratio", prune_ratio)
     return int(math.floor((1.0 - prune_ratio) * n_experts + 1e-9))
+
+
+def n_kept_in_all(n_layers: int, n_experts: int, prune_ratio: float) -> int:
+    """Experts every method of a comparison keeps in all: ``n_layers * n_kept(n_experts, r)``.
+
+    The study's one budget: what a method that prunes the same number in every layer (REAP as
+    its authors run it) can keep. Methods that rank over all layers keep the same total, so
+    every method at a ratio keeps exactly the same number of experts. It equals
+    ``n_kept(n_layers * n_experts, r)`` whenever ``(1 - r) * n_experts`` is whole.
+
+    Examples
+    --------
+    >>> n_kept_in_all(4, 16, 0.25), n_kept_in_all(3, 10, 0.25), n_kept(30, 0.25)
+    (48, 21, 22)
+    """
+    for name, value in (("n_layers", n_layers), ("n_experts", n_experts)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return int(n_layers) * n_kept(int(n_experts), prune_ratio)

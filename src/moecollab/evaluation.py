@@ -10,7 +10,9 @@ per-layer-pruned model needs no checkpoint on disk.
 - :func:`evaluate` runs tasks (local or standard lm-eval ones) and caches each task's result as
   JSON, keyed by the model, the task definition (hash of the generated files), ``limit``,
   ``num_fewshot`` and the lm-eval version; :func:`evaluate_masks` does this for many keep-masks.
-- :func:`results_table` and :func:`relative_drop` make long tables out of the raw results.
+- :func:`results_table` and :func:`relative_drop` make long tables out of the raw results;
+  :func:`item_table` keeps every task's per-document scores (lm-eval's ``log_samples``), so that
+  two models can be compared item by item (:mod:`moecollab.paired`).
 
 lm-eval and ``datasets`` read their offline switches and cache folder when they are imported.
 :func:`evaluate` and :func:`check_tasks_resolve` set ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``
@@ -62,6 +64,7 @@ __all__ = [
     "evaluate_masks",
     "exported_checkpoints",
     "hub_offline",
+    "item_table",
     "mask_key",
     "relative_drop",
     "results_table",
@@ -93,8 +96,8 @@ LOCAL_TASKS = "local"
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 
 MCQ_PROMPT = "{{question}}\nAnswer:"
-# Bumped whenever the layout of a cache entry changes.
-CACHE_FORMAT = 1
+# Bumped whenever the layout of a cache entry changes (2: per-document samples).
+CACHE_FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _MANIFEST_SUFFIX = "_tasks.json"
 
@@ -796,6 +799,7 @@ def _entries_of_raw(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, d
     groups = raw.get("groups", {})
     group_subtasks = raw.get("group_subtasks", {})
     n_samples = raw.get("n-samples", {})
+    samples = raw.get("samples") or {}
     entries = {}
     for name in names:
         subtree = [member for member in _descendants(name, group_subtasks) if member in results]
@@ -808,8 +812,38 @@ def _entries_of_raw(raw: Mapping[str, Any], names: Sequence[str]) -> dict[str, d
                                if member in group_subtasks},
             "n_samples": {member: n_samples[member] for member in subtree
                           if member in n_samples},
+            "samples": {member: _compact_samples(samples[member]) for member in subtree
+                        if member in samples},
         })
     return entries
+
+
+def _compact_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What :func:`item_table` needs of lm-eval's logged samples: per document, its id, the
+    number of choices and each metric's per-document value (pairs such as perplexity's
+    ``(loglikelihood, words)`` kept as pairs). Documents, prompts and responses are dropped.
+    Rows that are already compact (no ``metrics`` list: a child process compacted them) are
+    kept as they are."""
+    rows: dict[int, dict[str, Any]] = {}
+    for sample in samples:
+        doc_id = int(sample["doc_id"])
+        if doc_id in rows:  # a second filter of the same document: keep the first
+            continue
+        if "metrics" not in sample:
+            rows[doc_id] = dict(sample)
+            continue
+        row: dict[str, Any] = {"doc_id": doc_id}
+        metrics = list(sample.get("metrics", []))
+        if "acc" in metrics:
+            row["n_choices"] = len(sample.get("arguments", []))
+        for metric in metrics:
+            value = sample.get(metric)
+            if isinstance(value, (list, tuple)) and len(value) == 2:
+                row[metric] = [_number(value[0]), _number(value[1])]
+            elif isinstance(value, (bool, int, float, np.integer, np.floating)):
+                row[metric] = float(value)
+        rows[doc_id] = row
+    return [rows[doc_id] for doc_id in sorted(rows)]
 
 
 def _without_members(names: list[str], info: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -851,7 +885,7 @@ def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | o
     with _preserved_global_rngs():  # simple_evaluate seeds python's, numpy's and torch's RNGs
         raw = lm_eval.simple_evaluate(
             model=language_model, tasks=list(tasks), task_manager=task_manager, limit=limit,
-            num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=bootstrap_iters,
+            num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=bootstrap_iters,
             random_seed=random_seed, numpy_random_seed=random_seed,
             torch_random_seed=random_seed, fewshot_random_seed=random_seed)
     if raw is None:  # only on non-zero ranks of a distributed run
@@ -912,15 +946,15 @@ def _evaluate(model_factory: Callable[[], Any] | None, tokenizer: Any, tasks: Se
         entries.update(fresh)
     info = _read_task_manifests(task_dir)
     merged: dict[str, Any] = {"results": {}, "groups": {}, "group_subtasks": {},
-                              "n_samples": {}}
+                              "n_samples": {}, "samples": {}}
     for name in tasks:
         entry = entries[name]
         # Requested order, each group followed by its members (cached JSON has sorted keys).
         for member in _descendants(name, entry["group_subtasks"]):
             if member in entry["results"]:
                 merged["results"][member] = entry["results"][member]
-        for section in ("groups", "group_subtasks", "n_samples"):
-            merged[section].update(entry[section])
+        for section in ("groups", "group_subtasks", "n_samples", "samples"):
+            merged[section].update(entry.get(section, {}))
     merged["task_info"] = {
         name: {key: info[name][key] for key in ("kind", "domain", "split")}
         for name in merged["results"] if name in info
@@ -1055,8 +1089,9 @@ def evaluate_masks(
     cache_dir: str | os.PathLike | None = None,
     limit: int | float | None = None,
     progress: bool = True,
+    return_items: bool = False,
     **kwargs: Any,
-) -> pd.DataFrame:
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate the base model pruned by each named keep-mask; one long table.
 
     Parameters
@@ -1077,14 +1112,16 @@ def evaluate_masks(
         As in :func:`evaluate`; a mask whose tasks are all cached is not even applied.
     progress : bool, default True
         A text progress bar over masks.
+    return_items : bool, default False
+        Also return the per-document table (:func:`item_table`) of every mask.
     **kwargs
         Passed on to :func:`evaluate` (``batch_size``, ``max_length``, ``num_fewshot``, …).
 
     Returns
     -------
-    DataFrame
+    DataFrame, or (DataFrame, DataFrame) with ``return_items``
         :func:`results_table` rows of every mask, with columns ``mask`` and ``model_key``
-        first.
+        first; then the :func:`item_table` rows of every mask, with ``mask`` first.
     """
     from tqdm import tqdm
 
@@ -1101,7 +1138,7 @@ def evaluate_masks(
         from moecollab.models import resolve_device
 
         base_model.to(resolve_device(device))
-    tables = []
+    tables, items = [], []
     for name, keep_mask in tqdm(masks.items(), desc="keep-masks", disable=not progress):
         key = mask_key(base_key, keep_mask, mode)
 
@@ -1114,8 +1151,18 @@ def evaluate_masks(
         table.insert(0, "model_key", key)
         table.insert(0, "mask", name)
         tables.append(table)
+        items.append(item_table(raw).assign(mask=name))
         gc.collect()  # the pruned copy is unreachable now
-    return pd.concat(tables, ignore_index=True)
+    return _with_items(tables, items, return_items)
+
+
+def _with_items(tables: list[pd.DataFrame], items: list[pd.DataFrame], return_items: bool
+                ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    results = pd.concat(tables, ignore_index=True)
+    if not return_items:
+        return results
+    per_item = pd.concat(items, ignore_index=True)
+    return results, per_item[["mask", *_ITEM_COLUMNS]]
 
 
 def exported_checkpoints(pruning_folder: str | os.PathLike) -> pd.DataFrame:
@@ -1162,14 +1209,17 @@ def _lm_eval_worker(spec_path: str) -> None:
     raw = lm_eval.simple_evaluate(
         model=spec["backend"], model_args=spec["model_args"], tasks=spec["tasks"],
         task_manager=task_manager, limit=spec["limit"], num_fewshot=spec["num_fewshot"],
-        batch_size=spec["batch_size"], device=spec["device"], log_samples=False,
+        batch_size=spec["batch_size"], device=spec["device"], log_samples=True,
         bootstrap_iters=spec["bootstrap_iters"], random_seed=spec["random_seed"],
         numpy_random_seed=spec["random_seed"], torch_random_seed=spec["random_seed"],
         fewshot_random_seed=spec["random_seed"])
     if raw is None:
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
-    write_json(spec["output"], _json_value({key: raw.get(key, {}) for key in (
-        "results", "groups", "group_subtasks", "n-samples")}))
+    output = {key: raw.get(key, {}) for key in ("results", "groups", "group_subtasks",
+                                                "n-samples")}
+    output["samples"] = {task: _compact_samples(samples)
+                         for task, samples in (raw.get("samples") or {}).items()}
+    write_json(spec["output"], _json_value(output))
 
 
 def _run_in_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -1212,7 +1262,8 @@ def evaluate_checkpoints(
     offline: bool = True,
     random_seed: int = 0,
     progress: bool = True,
-) -> pd.DataFrame:
+    return_items: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate checkpoints on disk with lm-eval's ``vllm`` (or ``hf``) model type.
 
     Each checkpoint runs in a child process (lm-eval's ``simple_evaluate`` with
@@ -1240,10 +1291,12 @@ def evaluate_checkpoints(
         As in :func:`evaluate` (``batch_size`` may be ``"auto"``).
     progress : bool, default True
         A text progress bar over checkpoints.
+    return_items : bool, default False
+        Also return the per-document table, as :func:`evaluate_masks` does.
 
     Returns
     -------
-    DataFrame
+    DataFrame, or (DataFrame, DataFrame) with ``return_items``
         Like :func:`evaluate_masks`: ``mask`` (the name), ``model_key`` (``<key>|<backend>``),
         then the :func:`results_table` columns.
     """
@@ -1252,7 +1305,7 @@ def evaluate_checkpoints(
     check_backend(backend)
     if not checkpoints:
         raise ValueError("checkpoints must name at least one model; got none")
-    tables = []
+    tables, items = [], []
     local = _read_task_manifests(task_dir)
     for name, (path, key) in tqdm(checkpoints.items(), desc="checkpoints",
                                   disable=not progress):
@@ -1284,7 +1337,8 @@ def evaluate_checkpoints(
         table.insert(0, "model_key", model_key)
         table.insert(0, "mask", name)
         tables.append(table)
-    return pd.concat(tables, ignore_index=True)
+        items.append(item_table(raw).assign(mask=name))
+    return _with_items(tables, items, return_items)
 
 
 def _evaluate_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -1349,6 +1403,60 @@ def results_table(raw: Mapping[str, Any]) -> pd.DataFrame:
                 else math.nan,
             })
     return pd.DataFrame(rows, columns=_TABLE_COLUMNS)
+
+
+_ITEM_COLUMNS = ["task", "domain", "split", "doc_id", "n_choices", "acc", "acc_norm",
+                 "loglikelihood", "n_words", "n_bytes"]
+
+
+def item_table(raw: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per (task, document): the per-document scores behind every metric.
+
+    Parameters
+    ----------
+    raw : dict
+        The output of :func:`evaluate` (whose cache keeps lm-eval's logged samples in compact
+        form).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``task``, ``domain``, ``split`` (as in :func:`results_table`), ``doc_id``
+        (lm-eval's index of the document within the task), ``n_choices`` (multiple choice:
+        answers offered; chance is ``1 / n_choices``), ``acc`` and ``acc_norm`` (1.0 right,
+        0.0 wrong), ``loglikelihood`` (perplexity tasks: the document's summed
+        log-probability), ``n_words`` and ``n_bytes`` (its length as lm-eval counts it). A
+        column a task does not have is NaN. A task's ``acc`` is the mean of ``acc``; its
+        ``word_perplexity`` is ``exp(-sum loglikelihood / sum n_words)``, and
+        ``byte_perplexity`` likewise with ``n_bytes``.
+
+    Examples
+    --------
+    >>> raw = {"samples": {"t": [{"doc_id": 0, "n_choices": 4, "acc": 1.0, "acc_norm": 0.0}],
+    ...                    "p": [{"doc_id": 0, "word_perplexity": [-12.0, 3],
+    ...                           "byte_perplexity": [-12.0, 15]}]}}
+    >>> item_table(raw)[["task", "acc", "loglikelihood", "n_words", "n_bytes"]].to_numpy().tolist()
+    [['t', 1.0, nan, nan, nan], ['p', nan, -12.0, 3.0, 15.0]]
+    """
+    info = raw.get("task_info", {})
+    rows = []
+    for task, samples in (raw.get("samples") or {}).items():
+        task_info = info.get(task, {})
+        for sample in samples:
+            words = sample.get("word_perplexity")
+            size = sample.get("byte_perplexity") or sample.get("bits_per_byte")
+            pair = words or size
+            rows.append({
+                "task": task, "domain": task_info.get("domain"), "split": task_info.get("split"),
+                "doc_id": int(sample["doc_id"]),
+                "n_choices": _number(sample.get("n_choices")),
+                "acc": _number(sample.get("acc")),
+                "acc_norm": _number(sample.get("acc_norm")),
+                "loglikelihood": _number(pair[0]) if pair else math.nan,
+                "n_words": _number(words[1]) if words else math.nan,
+                "n_bytes": _number(size[1]) if size else math.nan,
+            })
+    return pd.DataFrame(rows, columns=_ITEM_COLUMNS)
 
 
 def add_method_columns(table: pd.DataFrame) -> pd.DataFrame:

@@ -332,8 +332,11 @@ class HSDL(BaseEstimator):
 
     Parameters
     ----------
-    n_atoms : tuple or list of int
-        Atoms per level, ``(K_1, K_2, …)``; the paper uses two levels.
+    n_atoms : tuple or list of int, default=(32, 16)
+        Atoms per level, ``(K_1, K_2, …)``; the paper uses two levels. A level should not have
+        more atoms than the one above: level ``l+1`` is initialised by NMF of level ``l``'s
+        ``K_l`` atoms, which identifies at most ``K_l`` building blocks (the study's runner
+        refuses a growing list).
     lambda_codes : float, default=0.02
         Weight of ``L_hier``, the usage-weighted L1 of the codes (the paper's ``λ1``).
     lambda_recon : float, default=1.0
@@ -422,15 +425,16 @@ class HSDL(BaseEstimator):
     *Defaults.* Chosen on planted hierarchies (`moecollab.synthetic.make_planted_hierarchy`,
     96 experts, 4,000 samples, seeds 0-2) by a small sweep. ``L_sparse`` puts its whole gradient
     on one sample per atom: at ``lambda_sparse=1`` (the paper's weight, with
-    ``lambda_recon=1``) every code collapsed to zero even from the NMF start; 1e-3 keeps it a
-    tie-breaker (0, 1e-3 and 1e-2 gave the same recovery). ``lambda_codes`` in [0.005, 0.1]
-    gave the same recovery and ~1.6 nonzeros per code; 0.02 is mid-range. With the NMF start,
-    60 epochs at lr 2e-3 and batch 256 converge in a few seconds on 2 CPU cores (the paper's
-    2,000 epochs at 4e-4 start from scratch); ``lr_halving_epochs=500`` keeps the paper's
-    schedule for long runs. ``init="random"`` collapsed to all-zero codes on every planted seed
-    tried (60 and 300 epochs): the objective alone does not find the patterns, and which
-    patterns are found is decided by the NMF start; training sparsifies the codes (about 7.7
-    to 1.6 nonzeros per sample) and fits the hierarchy under L1.
+    ``lambda_recon=1``; the paper gives no value for its ``λ2``) every code collapsed to zero
+    even from the NMF start; 1e-3 keeps it a tie-breaker (0, 1e-3 and 1e-2 gave the same
+    recovery). ``lambda_codes`` in [0.005, 0.1] gave the same recovery and ~1.6 nonzeros per
+    code; 0.02 is mid-range. With the NMF start, 60 epochs at lr 2e-3 and batch 256 converge
+    in a few seconds on 2 CPU cores (the paper's 2,000 epochs at 4e-4 start from scratch);
+    ``lr_halving_epochs=500`` keeps the paper's schedule for long runs, and never fires in a
+    run of fewer than 500 epochs. ``init="random"`` collapsed to all-zero codes on every
+    planted seed tried (60 and 300 epochs): the objective alone does not find the patterns,
+    and which patterns are found is decided by the NMF start; training sparsifies the codes
+    (about 7.7 to 1.6 nonzeros per sample) and fits the hierarchy under L1.
 
     *transform.* Level-l codes of samples are composed: ``C_1 @ H_1 @ … @ H_{l-1}`` with
     ``H = hierarchy_codes_``, so every level gives an ``(n_samples, K_l)`` code and
@@ -447,7 +451,7 @@ class HSDL(BaseEstimator):
 
     def __init__(
         self,
-        n_atoms: Sequence[int] = (32, 96),
+        n_atoms: Sequence[int] = (32, 16),
         *,
         lambda_codes: float = 0.02,
         lambda_recon: float = 1.0,

@@ -17,8 +17,16 @@ Methods
   :class:`moecollab.capture.RoutingTrace`; :func:`keep_mask_from_scores` turns scores into a
   mask under a global or per-layer budget; :func:`random_keep_mask` is the random baseline.
 
-Budget convention (all methods): pruning ratio ``k2`` over ``N`` experts keeps at most
-``n_keep = floor((1 - k2) N)`` experts (CAEP's loop condition "while kept > (1 - k2) N_e").
+Budget convention: every method of a comparison keeps exactly
+:func:`moecollab.budget.n_kept_in_all` experts, ``n_layers * floor((1 - k2) n_experts)``, the
+budget of a method that prunes the same number in every layer (REAP as published). Methods that
+rank over all layers (``scope="global"``) keep the same total. CAEP is brought to it by its own
+contribution scores (``budget="exact"``); Algorithm 1 as written (``budget="as_written"``) stops
+at the first step with at most ``floor((1 - k2) N_e)`` experts and may keep fewer.
+
+The dictionary CAEP reads must be fitted on calibration text only:
+:func:`fit_calibration_dictionary` refits a stage-03 HSDL's settings on calibration rows and
+refuses rows from an evaluation split.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moecollab.budget import n_kept
+from moecollab.budget import n_kept, n_kept_in_all
 from moecollab.moe_arch import find_moe_layers
 from moecollab.pruning_apply import (
     apply_keep_mask,
@@ -53,6 +61,7 @@ __all__ = [
     "caep_from_hsdl",
     "caep_keep_mask",
     "count_parameters_pruned",
+    "fit_calibration_dictionary",
     "expert_forward",
     "expert_scores",
     "jaccard_matrix",
@@ -60,6 +69,7 @@ __all__ = [
     "mask_catalogue_row",
     "load_pruned",
     "n_kept",
+    "n_kept_in_all",
     "random_keep_mask",
     "reapply_masks",
     "save_pruned",
@@ -68,6 +78,8 @@ __all__ = [
 
 #: Score methods of :func:`expert_scores`; the first two also work from a routing trace.
 SCORE_METHODS: tuple[str, ...] = ("frequency", "seer", "reap", "output_impact")
+#: How CAEP meets the budget: ``exact`` (the study's CAEP) or ``as_written`` (Algorithm 1).
+CAEP_BUDGETS: tuple[str, ...] = ("exact", "as_written")
 _TRACE_METHODS: tuple[str, ...] = ("frequency", "seer")
 
 
@@ -97,6 +109,7 @@ def caep_keep_mask(
     *,
     n_experts_per_layer: int | None = None,
     min_per_layer: int = 0,
+    budget: Literal["as_written", "exact"] = "as_written",
 ) -> np.ndarray:
     """Contribution-aware expert pruning, Algorithm 1 of Tang et al. (2025).
 
@@ -117,6 +130,12 @@ def caep_keep_mask(
     min_per_layer : int, default=0
         Project deviation, off at 0: after Algorithm 1, a layer left with fewer than this many
         experts (use the model's ``top_k``) gets its highest-contribution experts back.
+    budget : {"as_written", "exact"}, default="as_written"
+        ``as_written``: Algorithm 1 (with the floor above), which may keep fewer experts than
+        the budget, or more when the floor restores some. ``exact``: then brought to exactly
+        the shared budget (:func:`moecollab.budget.n_kept_in_all` when
+        ``n_experts_per_layer`` is given, else ``floor((1 - k2) N_e)``) by its own
+        contribution scores, never below the floor (Notes, 7).
 
     Returns
     -------
@@ -146,6 +165,12 @@ def caep_keep_mask(
        ``e``, then the lowest index) until it has ``min_per_layer``; the total kept may then
        exceed the budget by the restored experts (logged). The paper does not say what happens
        to a layer pruned below ``top_k``; a transformers model cannot run such a layer.
+    7. **Equal budget** (``budget="exact"``, project decision): every method of the study is
+       compared at the same number of kept experts. Experts are ranked by their final
+       contribution ``e`` (over the patterns the loop kept), ties by the initial ``e = D R 1``,
+       then the lowest index. Below the budget, the best unkept experts are added; above it
+       (the floor restored some), the worst kept experts are removed from layers that keep
+       more than ``min_per_layer``.
 
     Examples
     --------
@@ -154,6 +179,16 @@ def caep_keep_mask(
     >>> D = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     >>> R = np.array([[1.0, 2.0], [1.0, 0.0]])
     >>> caep_keep_mask(D, R, threshold_ratio=0.75, prune_ratio=0.5)
+    array([ True,  True, False, False])
+
+    When pattern 2 holds two experts, ``e = (3, 1, 1, 0)``, its deletion overshoots: one
+    expert is left for a budget of two, and ``budget="exact"`` adds back the best unkept one
+    (final ``e`` ties at 0; initial ``e`` 1, 1, 0; lowest index):
+
+    >>> D2 = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    >>> caep_keep_mask(D2, R, threshold_ratio=0.75, prune_ratio=0.5)
+    array([ True, False, False, False])
+    >>> caep_keep_mask(D2, R, threshold_ratio=0.75, prune_ratio=0.5, budget="exact")
     array([ True,  True, False, False])
     """
     dictionary = np.asarray(dictionary, dtype=np.float64)
@@ -185,6 +220,15 @@ def caep_keep_mask(
         raise ValueError("min_per_layer > 0 needs n_experts_per_layer; got None")
     if n_experts_per_layer is not None:
         min_per_layer = _check_min_per_layer(min_per_layer, n_experts_per_layer)
+    if budget not in CAEP_BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(CAEP_BUDGETS)}; got {budget!r}")
+    target = (n_kept_in_all(n_total // n_experts_per_layer, n_experts_per_layer, prune_ratio)
+              if n_experts_per_layer is not None else n_keep)
+    if budget == "exact" and n_experts_per_layer is not None and \
+            target < min_per_layer * (n_total // n_experts_per_layer):
+        raise ValueError(
+            f"prune_ratio must leave at least min_per_layer={min_per_layer} experts per layer; "
+            f"got {prune_ratio!r} (keeps {target} in all)")
     if threshold_ratio <= 1.0 - prune_ratio:
         logger.warning(
             "threshold_ratio=%s <= 1 - prune_ratio=%s: the deletion loop cannot act and CAEP "
@@ -222,6 +266,43 @@ def caep_keep_mask(
         keep_mask = _restore_min_per_layer(
             keep_mask, contribution, initial_contribution, n_experts_per_layer, min_per_layer
         )
+    if budget == "exact":
+        keep_mask = _to_budget(keep_mask, contribution, initial_contribution, target,
+                               n_experts_per_layer or n_total, min_per_layer)
+    return keep_mask
+
+
+def _to_budget(
+    keep_mask: np.ndarray,
+    contribution: np.ndarray,
+    initial_contribution: np.ndarray,
+    n_keep: int,
+    n_experts_per_layer: int,
+    min_per_layer: int,
+) -> np.ndarray:
+    """Add the best unkept, or remove the worst kept, experts until exactly ``n_keep`` remain.
+
+    Rank: final contribution, then initial contribution, then the lowest index first. Removal
+    skips layers at ``min_per_layer``.
+    """
+    keep_mask = keep_mask.copy()
+    ids = np.arange(keep_mask.size)
+    best_first = np.lexsort((ids, -initial_contribution, -contribution))
+    n_kept_now = int(keep_mask.sum())
+    if n_kept_now < n_keep:
+        unkept = best_first[~keep_mask[best_first]]
+        keep_mask[unkept[: n_keep - n_kept_now]] = True
+    elif n_kept_now > n_keep:
+        per_layer = keep_mask.reshape(-1, n_experts_per_layer).sum(axis=1)
+        for expert in best_first[::-1]:
+            if n_kept_now == n_keep:
+                break
+            layer = expert // n_experts_per_layer
+            if keep_mask[expert] and per_layer[layer] > min_per_layer:
+                keep_mask[expert] = False
+                per_layer[layer] -= 1
+                n_kept_now -= 1
+    logger.debug("CAEP at the budget: %d -> %d experts", int(n_kept_now), n_keep)
     return keep_mask
 
 
@@ -263,6 +344,7 @@ def caep_from_hsdl(
     n_experts: int,
     min_per_layer: int,
     level: int = 1,
+    budget: Literal["as_written", "exact"] = "as_written",
 ) -> np.ndarray:
     """CAEP on a fitted :class:`moecollab.hsdl.HSDL`: a keep-mask per layer.
 
@@ -281,6 +363,8 @@ def caep_from_hsdl(
     level : int, default=1
         Dictionary level (1 = ``D_1, R_1`` as in the paper; 2 = the level-1 atoms' building
         blocks).
+    budget : {"as_written", "exact"}, default="as_written"
+        As in :func:`caep_keep_mask`; the study compares methods with ``exact``.
 
     Returns
     -------
@@ -312,8 +396,65 @@ def caep_from_hsdl(
         prune_ratio,
         n_experts_per_layer=int(n_experts),
         min_per_layer=min_per_layer,
+        budget=budget,
     )
     return keep_mask.reshape(-1, int(n_experts))
+
+
+def fit_calibration_dictionary(
+    template: Any,
+    X: Any,
+    token_splits: Sequence[str] | np.ndarray,
+    *,
+    calibration_split: str,
+    evaluation_splits: Sequence[str] = ("test",),
+) -> Any:
+    """The dictionary CAEP prunes with: ``template``'s settings, fitted on calibration rows only.
+
+    Parameters
+    ----------
+    template : HSDL
+        Any HSDL (fitted or not) whose parameters (atom counts, weights, epochs, seed) to use;
+        its fitted state, if any, is not used (``sklearn.base.clone``).
+    X : array or sparse matrix, shape (n_samples, n_columns)
+        Activation matrix of the calibration text.
+    token_splits : sequence of str, length n_samples
+        Corpus split of every row of ``X``.
+    calibration_split : str
+        The only split allowed among the rows.
+    evaluation_splits : sequence of str, default ("test",)
+        Splits the evaluation reads; ``calibration_split`` must not be one of them.
+
+    Returns
+    -------
+    HSDL
+        A new, fitted estimator.
+
+    Raises
+    ------
+    ValueError
+        When a row comes from another split than ``calibration_split`` (an evaluation split
+        above all), or the calibration split is an evaluation split: no evaluation text may
+        shape the masks of a method that is then evaluated on it.
+    """
+    from sklearn.base import clone
+
+    token_splits = np.asarray(token_splits, dtype=object)
+    if len(token_splits) != X.shape[0]:
+        raise ValueError(f"token_splits must have one entry per row of X ({X.shape[0]}); got "
+                         f"{len(token_splits)}")
+    if calibration_split in evaluation_splits:
+        raise ValueError(f"calibration_split must not be an evaluation split "
+                         f"{list(evaluation_splits)}; got {calibration_split!r}")
+    found = sorted({str(split) for split in token_splits})
+    foreign = [split for split in found if split != calibration_split]
+    if foreign:
+        leaked = [split for split in foreign if split in evaluation_splits]
+        raise ValueError(
+            f"the pruning dictionary must be fitted on the {calibration_split!r} split only; "
+            f"got rows from {foreign}" + (f", of which {leaked} is evaluation text" if leaked
+                                          else ""))
+    return clone(template).fit(X)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,7 +526,7 @@ def keep_mask_from_scores(
             order = np.lexsort((expert_ids, -scores[layer]))
             keep_mask[layer, order[:n_keep]] = True
         return keep_mask
-    n_keep = n_kept(n_layers * n_experts, prune_ratio)
+    n_keep = n_kept_in_all(n_layers, n_experts, prune_ratio)
     if n_keep < min_per_layer * n_layers:
         raise ValueError(
             f"prune_ratio must leave at least min_per_layer={min_per_layer} experts in each of "

@@ -181,4 +181,6 @@ def verdict(trained: dict[str, object], control: dict[str, object], min_share: f
         "structure into it, always beside the control." if healthy else
         "routing is not yet healthy or not more field-specific than the control; structure "
         "found in later chapters may reflect vocabulary, not learning."))
-    return {**checks, "mutual_information_ratio": ratios, "text": "\n".join(lines)}
+    # "healthy" is the verdict later stages read (moecollab.claims.routing_health_passed).
+    return {**checks, "healthy": bool(healthy), "mutual_information_ratio": ratios,
+            "text": "\n".join(lines)}

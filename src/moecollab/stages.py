@@ -149,13 +149,13 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "02_coactivation",
         "Which experts fire together?",
-        needs=("01_capture",),
+        needs=("00_model", "01_capture"),  # 00: its routing-health verdict gates the claims
         checks={"n_top": POSITIVE, "min_count": POSITIVE, "lift_threshold": Check(low=1)},
     ),
     Stage(
         "03_hsdl",
         "Collaboration patterns by hierarchical sparse dictionary learning",
-        needs=("01_capture",),
+        needs=("00_model", "01_capture"),  # 00: its routing-health verdict gates the claims
         checks={
             "level": Check(choices=("token", "sample")),
             "value": Check(choices=("weight", "binary")),
@@ -176,7 +176,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "04_annotation",
         "What do the collaboration patterns handle?",
-        needs=("01_capture", "03_hsdl"),
+        needs=("00_model", "01_capture", "03_hsdl"),
         checks={"n_top_tokens": POSITIVE, "min_count": POSITIVE,
                 "n_passages_per_domain": NON_NEGATIVE, "passage_length": POSITIVE,
                 "n_random_repeats": POSITIVE},
@@ -190,8 +190,11 @@ STAGES: tuple[Stage, ...] = (
             "threshold_ratio": Check(low=0, high=1, low_open=True),
             "caep_level": POSITIVE,
             "scope": Check(choices=("global", "per_layer")),
+            "per_layer_methods": Check(choices=("frequency", "seer", "reap", "output_impact"),
+                                       each=True),
             "n_random_seeds": POSITIVE,
-            "calibration_split": Check(choices=("train", "validation", "test")),
+            # never "test": stage 06 evaluates on the test split
+            "calibration_split": Check(choices=("train", "validation")),
             "calibration_tokens": Check(low=64),
             "seq_len": Check(low=8, high=32768),
             "batch_size": POSITIVE,
@@ -214,6 +217,8 @@ STAGES: tuple[Stage, ...] = (
             "backend": Check(choices=("hf", "vllm")),
             "standard_limit": NON_NEGATIVE,
             "data_source": DATA_SOURCE,
+            "n_resamples": Check(low=100),
+            "confidence": Check(low=0.5, high=1, high_open=True),
         },
     ),
 )
