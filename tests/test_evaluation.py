@@ -113,6 +113,20 @@ def test_write_mcq_tasks_names_files_and_determinism(tmp_path):
     assert len(first["moecollab_mcq_law_test.jsonl"].decode().splitlines()) == N_ITEMS
 
 
+def test_cloze_family_has_its_own_names_and_reads_the_question_as_is(tmp_path):
+    items = _items()
+    mcq = evaluation.write_mcq_tasks(items, tmp_path, splits=("test",))
+    cloze = evaluation.write_mcq_tasks(items, tmp_path, splits=("test",), family="cloze")
+    assert cloze == [name.replace("_mcq_", "_cloze_") for name in mcq]
+    template = (tmp_path / "_moecollab_cloze_template_yaml").read_text()
+    assert "doc_to_text: question\n" in template  # a feature name, no "Answer:" suffix
+    # The two families live side by side: writing one leaves the other's files.
+    assert (tmp_path / "moecollab_mcq_law_test.yaml").exists()
+    assert (tmp_path / "moecollab_cloze_law_test.yaml").exists()
+    with pytest.raises(ValueError, match="family must be one of mcq, cloze"):
+        evaluation.write_mcq_tasks(items, tmp_path, family="gap")
+
+
 def test_write_mcq_tasks_removes_stale_and_checks_input(tmp_path):
     items = _items()
     evaluation.write_mcq_tasks(items, tmp_path)

@@ -180,3 +180,27 @@ def test_a_local_copy_with_a_missing_column_is_named(paper_dir, tmp_path):
     # 01 and 06 read MMLU-Pro only: the broken MMLU does not concern them.
     preflight.check_data_sources({"06_evaluation": {"data_source": "paper",
                                                     "paper_data_dir": str(broken)}})
+
+
+def test_embedded_evaluation_items_come_by_family(tmp_path, paper_dir):
+    mcq = pd.DataFrame({"item_id": ["m1"], "domain": ["law"], "split": ["test"],
+                        "question": ["Tort"], "choices": [["a", "b"]], "answer": [0]})
+    cloze = mcq.assign(item_id="c1", split="held_out")
+    mcq.to_parquet(tmp_path / "mcq.parquet")
+    cloze.to_parquet(tmp_path / "cloze.parquet")
+    files = {"mcq_items": tmp_path / "mcq.parquet", "cloze_items": tmp_path / "cloze.parquet",
+             "n_perplexity_entries": 2}
+    items, texts = sources.evaluation_data("embedded", families=["cloze"], **files)
+    assert items[["item_id", "family"]].values.tolist() == [["c1", "cloze"]]
+    assert all(len(field) == 2 for field in texts.values())
+    both, _ = sources.evaluation_data("embedded", families=["mcq", "cloze"], **files)
+    assert both["family"].tolist() == ["mcq", "cloze"]
+    with pytest.raises(ValueError, match="unknown item families"):
+        sources.evaluation_data("embedded", families=["gap"], **files)
+    with pytest.raises(ValueError, match="needs its items file"):
+        sources.evaluation_data("embedded", families=["cloze"], mcq_items=None,
+                                n_perplexity_entries=2)
+    with pytest.raises(ValueError, match="multiple-choice questions only"):
+        sources.evaluation_data("paper", families=["cloze"], mcq_items=None,
+                                n_perplexity_entries=2, paper_data_dir=str(paper_dir),
+                                cache_dir=tmp_path)

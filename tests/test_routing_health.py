@@ -39,3 +39,22 @@ def test_verdict_names_starved_experts_and_a_missing_specialisation():
     assert verdict["layers_with_mutual_information_above_control"] == [1]
     assert "3 experts are starved" in verdict["text"]
     assert "not lower" in verdict["text"]
+
+
+def _summary(information, starved=0, cosine=0.5):
+    return {"n_starved_experts": starved, "min_expert_share": 0.6, "domain_cosine_mean": cosine,
+            "mutual_information_bits": information}
+
+
+def test_one_field_specific_layer_does_not_make_routing_healthy():
+    control = _summary([0.1, 0.1, 0.1], cosine=0.9)
+    one_layer = routing_health.verdict(_summary([0.3, 0.12, 0.1]), control)
+    assert one_layer["layers_with_mutual_information_above_control"] == [0]
+    assert not one_layer["mutual_information_above_control_in_every_layer"]
+    assert not one_layer["healthy"]
+    assert one_layer["text"].splitlines()[-1].startswith("**Verdict:** not healthy")
+    every_layer = routing_health.verdict(_summary([0.3, 0.16, 0.17]), control)
+    assert every_layer["healthy"]
+    assert "**Verdict:** healthy" in every_layer["text"]
+    starved = routing_health.verdict(_summary([0.3, 0.16, 0.17], starved=1), control)
+    assert not starved["healthy"]

@@ -94,11 +94,12 @@ def _cloze_items() -> pd.DataFrame:
 def test_whole_tasks_match_hflm_document_by_document(model, tokenizer, tmp_path):
     items = _cloze_items()
     evaluation.write_mcq_tasks(items, tmp_path, splits=("test",))
+    evaluation.write_mcq_tasks(items, tmp_path, splits=("test",), family="cloze")
     evaluation.write_perplexity_tasks(
         {"biology": [f"The {a} and the {b} are studied."
                      for a, b in zip(WORDS, WORDS[1:], strict=False)]},
         tmp_path)
-    tasks = get_task_dict(["moecollab_mcq_test", "moecollab_ppl"],
+    tasks = get_task_dict(["moecollab_mcq_test", "moecollab_cloze_test", "moecollab_ppl"],
                           TaskManager(include_path=str(tmp_path), include_defaults=False))
     outputs = {}
     encodings: dict = {}
@@ -109,6 +110,12 @@ def test_whole_tasks_match_hflm_document_by_document(model, tokenizer, tmp_path)
         outputs[name] = evaluate(lm=language_model, task_dict=tasks, log_samples=True,
                                  bootstrap_iters=0)
     assert encodings  # the shared dictionary was filled
+    cloze = [task for task in outputs["hflm"]["samples"] if "_cloze_" in task]
+    assert cloze
+    for task in cloze:  # a cloze prompt is the unfinished text itself, options follow it
+        for sample in outputs["hflm"]["samples"][task]:
+            assert sample["arguments"][0][0] == sample["doc"]["question"]
+            assert sample["arguments"][0][1] == " " + sample["doc"]["choices"][0]
     for task, samples in outputs["hflm"]["samples"].items():
         ours = outputs["shared"]["samples"][task]
         assert [s["doc_id"] for s in ours] == [s["doc_id"] for s in samples]

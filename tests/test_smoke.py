@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import nbformat
+import pandas as pd
 import pytest
 
 from moecollab import artifacts, runner
@@ -31,6 +32,28 @@ def test_stage_00_writes_a_loadable_model_and_its_checks(smoke_artifacts):
     assert set(health) == {"trained", "control"}
     assert len(health["trained"]["mutual_information_bits"]) == 2
     assert (folder / "mcq_items.parquet").is_file()
+    verdict = artifacts.read_json(folder / "verdict.json")
+    assert isinstance(verdict["healthy"], bool)
+    assert verdict["mutual_information_above_control_in_every_layer"] == (
+        len(verdict["layers_with_mutual_information_above_control"]) == 2)
+    accuracy = pd.read_csv(folder / "field_accuracy.csv").set_index("domain")
+    assert {"trained", "control", "items"} <= set(accuracy.columns)
+    assert accuracy["trained"].between(0, 1).all()
+
+
+def test_cloze_items_are_held_out_and_calibration_never_reads_them(smoke_artifacts):
+    from moecollab import data
+
+    corpus = data.load_corpus().set_index("entry_id")
+    items = pd.read_parquet(smoke_artifacts / "smoke" / "00_model" / "cloze_items.parquet")
+    assert len(items) > 0 and set(items["split"]) == {"held_out"}
+    assert set(corpus.loc[items["entry_id"], "split"]) <= {"validation", "test"}
+    assert (corpus.loc[items["entry_id"], "split"].to_numpy() == items["entry_split"]).all()
+    seen = pd.read_csv(smoke_artifacts / "smoke" / "05_pruning" /
+                       "pruning_dictionary_entries.csv")
+    assert not set(seen["entry_id"]) & set(items["entry_id"])
+    results = pd.read_csv(smoke_artifacts / "smoke" / "06_evaluation" / "results.csv")
+    assert "moecollab_cloze_held_out" in set(results["task"])
 
 
 def test_no_evaluation_text_reaches_the_pruning_dictionary(smoke_artifacts):
@@ -41,7 +64,7 @@ def test_no_evaluation_text_reaches_the_pruning_dictionary(smoke_artifacts):
 
     folder = smoke_artifacts / "smoke" / "05_pruning"
     seen = pd.read_csv(folder / "pruning_dictionary_entries.csv")
-    assert set(seen["split"]) == {"validation"} and len(seen) > 0
+    assert set(seen["split"]) == {"train"} and len(seen) > 0
     corpus = data.load_corpus()
     test_entries = set(corpus.loc[corpus["split"] == "test", "entry_id"])
     assert test_entries and not set(seen["entry_id"]) & test_entries

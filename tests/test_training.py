@@ -68,11 +68,12 @@ def _tiny_config():
                                   n_experts=8, top_k=2, expert_size=16, seq_len=32)
 
 
-def _train_tiny(balance_coef: float):
+def _train_tiny(balance_coef: float, specialisation_coef: float = 0.0):
     model = models.build_model(_tiny_config(), seed=0)
     train_blocks, validation_blocks = _synthetic_blocks(128, seed=1), _synthetic_blocks(32, seed=2)
     log = training.train(model, train_blocks, validation_blocks, n_steps=40, batch_size=8,
-                         lr=3e-3, balance_coef=balance_coef, eval_every=20, seed=0,
+                         lr=3e-3, balance_coef=balance_coef,
+                         specialisation_coef=specialisation_coef, eval_every=20, seed=0,
                          device="cpu", progress=False)
     with torch.inference_mode():
         output = model(input_ids=train_blocks.input_ids, output_router_logits=True)
@@ -92,6 +93,17 @@ def test_training_lowers_loss_and_the_balance_term_keeps_experts_alive():
     assert free_share.min() < 0.2
     assert balanced_share.min() >= 0.2, balanced_share.round(2)
     assert np.mean(balanced_log.balance_loss[-10:]) < np.mean(free_log.balance_loss[-10:])
+
+
+def test_the_specialisation_term_raises_block_expert_information():
+    plain_log, _ = _train_tiny(balance_coef=0.1)
+    special_log, _ = _train_tiny(balance_coef=0.1, specialisation_coef=0.5)
+    assert len(special_log.sequence_information) == 40
+    # Same start, more information by the end, and the language model still learns.
+    assert special_log.sequence_information[0] == plain_log.sequence_information[0]
+    assert (np.mean(special_log.sequence_information[-10:])
+            > 1.5 * np.mean(plain_log.sequence_information[-10:]))
+    assert special_log.validation_loss[-1] < 0.9 * special_log.validation_loss[0]
 
 
 def test_training_is_deterministic_for_a_seed():

@@ -108,9 +108,9 @@ def accuracy_is_informative(unpruned: Interval, chance: float) -> bool:
 
 def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
                       standard_items: pd.DataFrame | None,
-                      models: Sequence[str]) -> dict[str, object]:
+                      models: Sequence[str], metric: str = "acc_norm") -> dict[str, object]:
     """Which accuracy claims 5a/5b are read on: the paper's standard tasks when every compared
-    model was evaluated on them, the corpus multiple choice otherwise.
+    model was evaluated on them, the corpus multiple choice (read by ``metric``) otherwise.
 
     Returns
     -------
@@ -135,8 +135,8 @@ def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
             return {"items": standard_items, "tasks": tasks, "metric": PAPER_ACCURACY,
                     "label": "accuracy (acc_norm, acc where a task has none), the paper's "
                              "standard tasks"}
-    return {"items": local_items, "tasks": list(local_tasks), "metric": "acc_norm",
-            "label": "acc_norm, corpus multiple choice on held-out headwords"}
+    return {"items": local_items, "tasks": list(local_tasks), "metric": metric,
+            "label": f"{metric}, the corpus's multiple-choice items on held-out entries"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import os
 import re
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
@@ -96,6 +97,12 @@ LOCAL_TASKS = "local"
 BACKENDS: tuple[str, ...] = ("hf", "vllm")
 
 MCQ_PROMPT = "{{question}}\nAnswer:"
+#: ``doc_to_text`` per item family: a Jinja template, or a feature name lm-eval reads as is.
+MCQ_PROMPTS = {"mcq": MCQ_PROMPT, "cloze": "question"}
+#: The accuracy each item family is judged by: ``acc_norm`` for term-to-definition items (as
+#: the paper reads its tasks), ``acc`` for cloze items, whose options are single tokens that a
+#: per-byte normalisation would only rank by length.
+ACCURACY_METRICS = {"mcq": "acc_norm", "cloze": "acc"}
 # Bumped whenever the layout of a cache entry changes (2: per-document samples).
 CACHE_FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -169,6 +176,7 @@ def write_mcq_tasks(
     *,
     prefix: str = "moecollab",
     splits: Sequence[str] = ("train", "test"),
+    family: str = "mcq",
 ) -> list[str]:
     """Write multiple-choice items as local lm-eval tasks, one per (domain, split).
 
@@ -186,20 +194,27 @@ def write_mcq_tasks(
     splits : sequence of str, default ("train", "test")
         Splits to write; ``train`` items ask about headwords the model was trained on (recall),
         ``test`` items about held-out headwords.
+    family : {"mcq", "cloze"}, default "mcq"
+        ``mcq``: a question answered after ``"\\nAnswer:"``. ``cloze``
+        (:func:`moecollab.data.make_cloze_items`): the question is an unfinished text that each
+        choice continues directly. The family is the second part of every name.
 
     Returns
     -------
     list of str
-        Task names ``<prefix>_mcq_<domain>_<split>`` (by split, then domain in the corpus's
-        order, unknown domains sorted after), then group names ``<prefix>_mcq_<split>``.
+        Task names ``<prefix>_<family>_<domain>_<split>`` (by split, then domain in the
+        corpus's order, unknown domains sorted after), then group names
+        ``<prefix>_<family>_<split>``.
 
     Notes
     -----
-    Per task the prompt is ``"<question>\\nAnswer:"`` and each choice is scored as the
-    continuation ``" <choice>"``; metrics ``acc`` and ``acc_norm`` (lm-eval's
-    ``multiple_choice``). A group averages its domains without weighting by size
-    (``weight_by_size: false``). The YAML files carry **absolute** ``data_files`` paths:
-    ``datasets`` resolves relative ones against the working directory, not the YAML folder.
+    Per ``mcq`` task the prompt is ``"<question>\\nAnswer:"``, per ``cloze`` task the question
+    itself (given to lm-eval as a feature name, which skips a template per document), and
+    each choice is scored as the continuation ``" <choice>"``; metrics ``acc`` and
+    ``acc_norm`` (lm-eval's ``multiple_choice``). A group averages its domains without
+    weighting by size (``weight_by_size: false``). The YAML files carry **absolute**
+    ``data_files`` paths: ``datasets`` resolves relative ones against the working directory,
+    not the YAML folder.
     Items are written in ``item_id`` order with sorted JSON keys, so the same items give the
     same bytes.
     """
@@ -213,15 +228,17 @@ def write_mcq_tasks(
         raise ValueError(f"splits must be a non-empty sequence of split names; got {splits!r}")
     for split in splits:
         _check_name("split", split)
+    if family not in MCQ_PROMPTS:
+        raise ValueError(f"family must be one of {', '.join(MCQ_PROMPTS)}; got {family!r}")
     task_dir = Path(task_dir).resolve()
     task_dir.mkdir(parents=True, exist_ok=True)
 
-    template_name = f"_{prefix}_mcq_template_yaml"
+    template_name = f"_{prefix}_{family}_template_yaml"
     template = {
         "dataset_path": "json",
         "output_type": "multiple_choice",
         "test_split": "train",  # the data_files key, not the corpus split
-        "doc_to_text": MCQ_PROMPT,
+        "doc_to_text": MCQ_PROMPTS[family],
         "doc_to_choice": "choices",  # a feature name: the list is used as is
         "doc_to_target": "answer",
         "metric_list": [
@@ -242,7 +259,7 @@ def write_mcq_tasks(
             if rows.empty:
                 continue
             rows = rows.sort_values("item_id", kind="stable")
-            name = f"{prefix}_mcq_{domain}_{split}"
+            name = f"{prefix}_{family}_{domain}_{split}"
             data_name, yaml_name = f"{name}.jsonl", f"{name}.yaml"
             texts[data_name] = _jsonl_text([_mcq_row(row) for row in rows.to_dict("records")])
             texts[yaml_name] = _yaml_text({
@@ -250,20 +267,21 @@ def write_mcq_tasks(
                 "task": name,
                 "dataset_kwargs": {"data_files": {"train": str(task_dir / data_name)}},
             })
-            tasks[name] = {"kind": "mcq", "domain": domain, "split": split,
+            tasks[name] = {"kind": "mcq", "family": family, "domain": domain, "split": split,
                            "n_docs": len(rows), "files": [template_name, yaml_name, data_name]}
             subtasks.append(name)
         if not subtasks:
             logger.warning("no MCQ items in split %r; no tasks written for it", split)
             continue
-        group = f"{prefix}_mcq_{split}"
+        group = f"{prefix}_{family}_{split}"
         texts[f"{group}.yaml"] = _yaml_text(_group_yaml(group, subtasks, MCQ_METRICS))
-        groups[group] = {"kind": "mcq", "domain": "all", "split": split, "subtasks": subtasks,
+        groups[group] = {"kind": "mcq", "family": family, "domain": "all", "split": split,
+                         "subtasks": subtasks,
                          "files": [f"{group}.yaml"]}
     if not tasks:
         raise ValueError(f"items has no rows in splits {list(splits)}; got splits "
                          f"{sorted(set(items['split']))}")
-    _write_task_files(task_dir, f"{prefix}_mcq{_MANIFEST_SUFFIX}", texts, tasks, groups)
+    _write_task_files(task_dir, f"{prefix}_{family}{_MANIFEST_SUFFIX}", texts, tasks, groups)
     return [*tasks, *groups]
 
 
@@ -868,16 +886,31 @@ def _preserved_global_rngs() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+_ENCODINGS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+
+
+def _shared_encodings(tokenizer: Any) -> dict:
+    """One memo of encoded text per tokenizer object, kept while the tokenizer lives."""
+    try:
+        return _ENCODINGS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no sharing
+        return {}
+
+
 def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | os.PathLike |
                  None, *, limit: int | float | None, batch_size: int, max_length: int | None,
                  num_fewshot: int, bootstrap_iters: int, random_seed: int) -> dict[str, Any]:
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    # With a model object HFLM ignores its `device` argument and uses the model's device.
-    language_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                          max_length=max_length)
+    from moecollab.scoring import SharedContextLM
+
+    # lm-eval's HFLM with identical inputs shared and text tokenized once per tokenizer, for
+    # all the masks of a study (same numbers: tests/test_scoring.py). With a model object HFLM
+    # ignores its `device` argument and uses the model's device.
+    language_model = SharedContextLM(pretrained=model, tokenizer=tokenizer,
+                                     batch_size=batch_size, max_length=max_length,
+                                     encodings=_shared_encodings(tokenizer))
     # Indexing lm-eval's own few thousand YAMLs takes ~5 s: skip it when every task is local.
     local = _read_task_manifests(task_dir)
     task_manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None,

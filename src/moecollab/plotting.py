@@ -50,6 +50,27 @@ def training_curves(steps: Sequence[int], train_loss: Sequence[float],
     return figure
 
 
+def field_accuracy(table: pd.DataFrame, chance: float | None = None):
+    """Accuracy per field: bars for ``table["trained"]``, markers for ``table["control"]``
+    where the table has that column; the index names the fields."""
+    with _style():
+        figure, axis = plt.subplots(figsize=(7.5, 3.4))
+        positions = np.arange(len(table))
+        axis.bar(positions, table["trained"], color="C0", label="trained")
+        if "control" in table:
+            axis.plot(positions, table["control"], "D", color="C3", markersize=5,
+                      label="untrained control")
+        if chance is not None:
+            axis.axhline(chance, color="0.4", linestyle=":", linewidth=1, label="chance")
+        axis.set_xticks(positions, [str(name).replace("_", " ") for name in table.index],
+                        rotation=30, ha="right")
+        axis.set(ylim=(0, 1.18), yticks=np.linspace(0, 1, 6), ylabel="accuracy",
+                 title="Field cloze accuracy, held-out items")
+        axis.legend(frameon=False, loc="upper center", ncols=3)
+        figure.tight_layout()
+    return figure
+
+
 def router_load(share: np.ndarray, min_share: float = 0.2, title: str = "Router load"):
     """Heatmap of each expert's share of its layer's selections (1 = the uniform share)."""
     with _style():

@@ -25,6 +25,9 @@ from . import paper
 from .corpus import load_corpus
 
 DATA_SOURCES = ("embedded", "paper")
+#: Kinds of multiple-choice items (stage 06's ``item_families``): ``mcq`` asks for a term's
+#: definition, ``cloze`` for the word that finishes a held-out definition in its field.
+ITEM_FAMILIES = ("mcq", "cloze")
 #: Corpus splits named by stage 01's ``split`` parameter beyond the three real ones.
 SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": ("train", "validation", "test")}
 
@@ -72,20 +75,38 @@ def calibration_entries(data_source: str, *, split: str = "validation",
 
 def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
                     n_perplexity_entries: int, seed: int = 0, paper_data_dir: str = "",
-                    cache_dir: str | os.PathLike | None = None
+                    cache_dir: str | os.PathLike | None = None,
+                    cloze_items: str | os.PathLike | None = None,
+                    families: Sequence[str] = ("mcq",)
                     ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Stage 06's multiple-choice items and, per field, the texts whose perplexity it measures.
 
-    ``embedded``: the items stage 00 made (``mcq_items``, a Parquet file) and the corpus's
-    test entries. ``paper``: MMLU-Pro's held-out questions, as items (split ``test``) and, with
-    their options, as texts.
+    ``embedded``: the items stage 00 made, of each family in ``families``: ``mcq`` (term to
+    definition, the Parquet file ``mcq_items``) and ``cloze`` (field cloze, ``cloze_items``),
+    and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as ``mcq`` items
+    (split ``test``) and, with their options, as texts. Items carry a ``family`` column.
     """
     _check(data_source)
+    if isinstance(families, str) or not families:
+        raise ValueError(f"families must be a non-empty list of item families; got {families!r}")
+    unknown = sorted(set(families) - set(ITEM_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown item families {unknown}; choose from {list(ITEM_FAMILIES)}")
     if data_source == "paper":
+        if list(families) != ["mcq"]:
+            raise ValueError("data_source 'paper' has multiple-choice questions only: "
+                             "families must be ['mcq']")
         mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=_required(cache_dir))
-        return (paper.evaluation_items(mmlu_pro),
+        return (paper.evaluation_items(mmlu_pro).assign(family="mcq"),
                 paper.evaluation_texts(mmlu_pro, n_perplexity_entries, seed=seed))
-    items = pd.read_parquet(mcq_items)
+    files = {"mcq": mcq_items, "cloze": cloze_items}
+    tables = []
+    for family in families:
+        if files[family] is None:
+            raise ValueError(f"item family {family!r} needs its items file (stage 00 writes "
+                             f"{family}_items.parquet)")
+        tables.append(pd.read_parquet(files[family]).assign(family=family))
+    items = pd.concat(tables, ignore_index=True)
     corpus = load_corpus()
     held_out = corpus[corpus["split"] == "test"].sample(frac=1.0, random_state=seed)
     texts = {domain: rows["text"].head(n_perplexity_entries).tolist()
