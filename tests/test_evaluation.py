@@ -672,3 +672,34 @@ def test_compact_samples_keep_what_the_item_table_needs():
         {"doc_id": 1, "n_choices": 2, "acc": 1.0, "acc_norm": 0.0},
         {"doc_id": 2, "word_perplexity": [-4.5, 3.0]},
     ]
+
+
+def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer, task_dir,
+                                                               tmp_path, monkeypatch):
+    (tmp_path / "stage_00" / "model").mkdir(parents=True)
+    model.save_pretrained(tmp_path / "stage_00" / "model")
+    tokenizer.save_pretrained(tmp_path / "stage_00" / "model")
+    keep = np.ones((3, 8), dtype=bool)
+    keep[:, :4] = False
+    masks = {"unpruned": None, "all_kept": np.ones((3, 8), dtype=bool), "half": keep}
+    task = ["moecollab_mcq_test"]
+    settings = {"base_key": "tiny", "limit": 4, "batch_size": 8}
+    n_distinct = evaluation.evaluate_masks_in_workers(
+        tmp_path / "stage_00", masks, task, task_dir, cache_dir=tmp_path / "cache",
+        n_workers=2, **settings)
+    assert n_distinct == 2  # all_kept is the unpruned model: one key, evaluated once
+
+    def fail(*args, **kwargs):
+        raise AssertionError("every result should come from the workers' cache")
+
+    direct = evaluation.evaluate_masks(model, tokenizer, masks, task, task_dir,
+                                       progress=False, **settings)
+    monkeypatch.setattr(evaluation, "_run_lm_eval", fail)
+    cached = evaluation.evaluate_masks(model, tokenizer, masks, task, task_dir,
+                                       cache_dir=tmp_path / "cache", progress=False, **settings)
+    pd.testing.assert_frame_equal(cached.drop(columns="stderr"), direct.drop(columns="stderr"),
+                                  atol=1e-6)
+    with pytest.raises(ValueError, match="n_workers must be a positive int"):
+        evaluation.evaluate_masks_in_workers(tmp_path / "stage_00", masks, task, task_dir,
+                                             cache_dir=tmp_path / "cache", n_workers=0,
+                                             **settings)

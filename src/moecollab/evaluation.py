@@ -63,6 +63,7 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoints",
     "evaluate_masks",
+    "evaluate_masks_in_workers",
     "exported_checkpoints",
     "hub_offline",
     "item_table",
@@ -1187,6 +1188,88 @@ def evaluate_masks(
         items.append(item_table(raw).assign(mask=name))
         gc.collect()  # the pruned copy is unreachable now
     return _with_items(tables, items, return_items)
+
+
+def evaluate_masks_in_workers(
+    stage_00_folder: str | os.PathLike,
+    masks: Mapping[str, np.ndarray | None],
+    tasks: Sequence[str],
+    task_dir: str | os.PathLike,
+    *,
+    base_key: str,
+    cache_dir: str | os.PathLike,
+    n_workers: int = 2,
+    mode: Literal["remove", "mask"] = "mask",
+    limit: int | float | None = None,
+    **kwargs: Any,
+) -> int:
+    """Fill the evaluation cache for ``masks`` from ``n_workers`` processes, one CPU thread each.
+
+    On a CPU, small models use two threads poorly: two processes of one thread each evaluate
+    about twice the masks of one process in the same time. Each worker loads stage 00's model
+    itself (:func:`moecollab.models.load_reference_model`, on the CPU) and runs
+    :func:`evaluate_masks` on its share, writing the cache; :func:`evaluate_masks` called
+    afterwards with the same arguments reads every result from it. Masks with the same key are
+    evaluated once; masks already cached are skipped.
+
+    Returns
+    -------
+    int
+        The number of distinct masks handed to workers.
+    """
+    import subprocess
+
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"n_workers must be a positive int; got {n_workers!r}")
+    distinct: dict[str, tuple[str, np.ndarray | None]] = {}
+    for name, keep_mask in masks.items():
+        distinct.setdefault(mask_key(base_key, keep_mask, mode), (name, keep_mask))
+    shares = [list(distinct.values())[index::n_workers] for index in range(n_workers)]
+    shares = [share for share in shares if share]
+    code = ("import sys; from moecollab.evaluation import _mask_worker; "
+            "_mask_worker(sys.argv[1])")
+    with tempfile.TemporaryDirectory(prefix="moecollab-masks-") as scratch:
+        running = []
+        for index, share in enumerate(shares):
+            arrays = {name: keep_mask for name, keep_mask in share if keep_mask is not None}
+            np.savez(Path(scratch) / f"masks{index}.npz", **arrays)
+            spec = {"stage_00_folder": str(stage_00_folder), "tasks": list(tasks),
+                    "task_dir": str(task_dir), "base_key": base_key, "mode": mode,
+                    "cache_dir": str(cache_dir), "limit": limit, "kwargs": dict(kwargs),
+                    "masks": str(Path(scratch) / f"masks{index}.npz"),
+                    "unpruned": [name for name, keep_mask in share if keep_mask is None]}
+            spec_path = Path(scratch) / f"spec{index}.json"
+            write_json(spec_path, spec)
+            environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            running.append(subprocess.Popen(
+                [sys.executable, "-c", code, str(spec_path)], env=environment,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        failures = []
+        for process in running:
+            _, stderr = process.communicate()
+            if process.returncode != 0:
+                lines = [line for line in stderr.splitlines() if line.strip()]
+                failures.append(lines[-1] if lines else f"exit status {process.returncode}")
+    if failures:
+        raise RuntimeError(f"a mask-evaluation worker failed: {failures[0]}")
+    return len(distinct)
+
+
+def _mask_worker(spec_path: str) -> None:
+    """One worker of :func:`evaluate_masks_in_workers` (a child process)."""
+    import torch
+
+    from moecollab.models import load_reference_model
+
+    torch.set_num_threads(1)
+    spec = read_json(spec_path)
+    with np.load(spec["masks"]) as stored:
+        masks: dict[str, np.ndarray | None] = {name: stored[name] for name in stored.files}
+    masks |= {name: None for name in spec["unpruned"]}
+    model, tokenizer = load_reference_model(spec["stage_00_folder"], device="cpu")
+    evaluate_masks(model, tokenizer, masks, spec["tasks"], spec["task_dir"],
+                   base_key=spec["base_key"], mode=spec["mode"], cache_dir=spec["cache_dir"],
+                   limit=spec["limit"], progress=False, **spec["kwargs"])
 
 
 def _with_items(tables: list[pd.DataFrame], items: list[pd.DataFrame], return_items: bool

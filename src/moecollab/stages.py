@@ -212,6 +212,7 @@ STAGES: tuple[Stage, ...] = (
         checks={
             "limit": NON_NEGATIVE,
             "item_families": Check(choices=("mcq", "cloze"), each=True),
+            "n_workers": POSITIVE,
             "mcq_splits": Check(choices=("train", "validation", "test"), each=True),
             "n_perplexity_entries": POSITIVE,
             "n_random_evaluated": POSITIVE,

@@ -6,6 +6,7 @@
 by ``python -m moecollab.data.build_corpus``.
 """
 
+from moecollab.data.cloze import make_cloze_items
 from moecollab.data.corpus import (
     DATA_DIR,
     DOMAINS,
@@ -16,7 +17,6 @@ from moecollab.data.corpus import (
     normalise_headword,
     split_of_headword,
 )
-from moecollab.data.cloze import make_cloze_items
 from moecollab.data.mcq import make_mcq_items
 from moecollab.data.sampling import cap_entries, take_words
 
