@@ -173,3 +173,28 @@ def test_paired_purity_difference_against_a_field_blind_control():
     assert (same["difference"].low, same["difference"].high) == (0.0, 0.0)
     with pytest.raises(ValueError, match="one entry per token"):
         paired.paired_purity_difference(trained[:-1], control, fields, documents)
+
+
+def test_separation_of_tied_methods_is_zero_and_of_distinct_ones_is_counted_in_errors():
+    tied = pd.DataFrame({"mask": ["a"] * 4 + ["b"] * 4, "task": ["t"] * 8,
+                         "doc_id": [0, 1, 2, 3] * 2, "acc": [1, 0, 1, 0] * 2})
+    found = paired.separation(paired.resample_tasks(tied, ["a", "b"], "acc", n_resamples=50),
+                              {"a": "a", "b": "b"})
+    assert found["best"] != found["worst"] and found["z"] == 0.0
+    rng = np.random.default_rng(0)
+    good, bad = rng.random(400) < 0.8, rng.random(400) < 0.6
+    items = pd.DataFrame({"mask": ["good"] * 400 + ["bad"] * 400 + ["bad2"] * 400,
+                          "task": ["t"] * 1200, "doc_id": list(range(400)) * 3,
+                          "acc": np.concatenate([good, bad, bad]).astype(float)})
+    found = paired.separation(
+        paired.resample_tasks(items, ["good", "bad", "bad2"], "acc", n_resamples=500),
+        {"good": "good", "bad": ["bad", "bad2"]})
+    assert (found["best"], found["worst"]) == ("good", "bad")
+    difference = good.mean() - bad.mean()
+    assert found["difference"].estimate == pytest.approx(difference)
+    # The bootstrap error is close to the textbook paired standard error.
+    textbook = np.std(good.astype(float) - bad, ddof=1) / np.sqrt(400)
+    assert found["standard_error"] == pytest.approx(textbook, rel=0.15)
+    assert found["z"] == pytest.approx(difference / found["standard_error"])
+    with pytest.raises(ValueError, match="at least two methods"):
+        paired.separation(paired.resample_tasks(items, ["good"], "acc"), {"good": "good"})

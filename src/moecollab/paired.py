@@ -39,6 +39,7 @@ __all__ = [
     "paired_difference",
     "paired_purity_difference",
     "resample_tasks",
+    "separation",
 ]
 
 #: Columns of the per-item table (one row per model, task and document).
@@ -313,6 +314,46 @@ def paired_difference(resampled: Resampled, model: str, reference: str | Sequenc
     point_a, resamples_a = resampled.group(model)
     point_b, resamples_b = resampled.group(reference)
     return interval(point_a - point_b, resamples_a - resamples_b, confidence)
+
+
+def separation(resampled: Resampled, methods: Mapping[str, str | Sequence[str]], *,
+               confidence: float = 0.95) -> dict[str, object]:
+    """How far apart the best and the worst of several methods are, on the same items.
+
+    A study that compares methods needs room for them to differ: this is the check. Each
+    method may be several models (random masks of several seeds: their mean).
+
+    Returns
+    -------
+    dict
+        ``values`` (method → group value), ``best`` and ``worst`` (names), ``difference``
+        (best minus worst, an :class:`Interval`), ``standard_error`` (the standard deviation of
+        that difference over the paired resamples) and ``z`` (difference / standard error).
+
+    Examples
+    --------
+    >>> items = pd.DataFrame({"mask": ["a"] * 4 + ["b"] * 4, "task": ["t"] * 8,
+    ...                       "doc_id": [0, 1, 2, 3] * 2,
+    ...                       "acc": [1, 1, 1, 0, 1, 0, 0, 0.0]})
+    >>> found = separation(resample_tasks(items, ["a", "b"], "acc", n_resamples=200),
+    ...                    {"first": "a", "second": "b"})
+    >>> found["best"], found["worst"], found["difference"].estimate
+    ('first', 'second', 0.5)
+    """
+    if len(methods) < 2:
+        raise ValueError(f"separation needs at least two methods; got {list(methods)}")
+    groups = {name: resampled.group(models) for name, models in methods.items()}
+    values = {name: point for name, (point, _) in groups.items()}
+    best = max(values, key=values.get)
+    worst = min((name for name in values if name != best), key=values.get)
+    differences = groups[best][1] - groups[worst][1]
+    standard_error = float(np.std(differences, ddof=1))
+    estimate = values[best] - values[worst]
+    return {"values": values, "best": best, "worst": worst,
+            "difference": interval(estimate, differences, confidence),
+            "standard_error": standard_error,
+            "z": (estimate / standard_error if standard_error > 0
+                  else 0.0 if estimate == 0 else math.inf)}
 
 
 @dataclass(frozen=True)
