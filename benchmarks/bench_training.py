@@ -7,8 +7,8 @@ as a ratio to the first, so a busy machine slows all of them alike:
 
 1. ``training``: seconds per optimiser step of the default architecture (forward with router
    logits, next-token and balancing losses, backward, AdamW) for: torch's default thread count,
-   one thread, the experts' ``eager`` loop instead of ``grouped_mm``, ``torch.compile``, and
-   bf16 autocast.
+   one thread, the experts' ``eager`` loop instead of ``grouped_mm``, ``torch.compile``,
+   bf16 autocast, and the first default architecture (16 experts of width 128, top-2).
 2. ``evaluation``: seconds to evaluate one model on the field cloze task (lm-eval's ``HFLM``
    against ``moecollab.scoring.SharedContextLM``, which shares inputs and tokenization).
 
@@ -61,10 +61,15 @@ def training_variants(sizes: dict[str, int]) -> dict[str, dict]:
         "eager experts": {"experts": "eager"},
         "torch.compile": {"compile": True},
         "bf16 autocast": {"bf16": True},
+        # The first default: 16 experts of width 128, top-2 (the same expert arithmetic per
+        # token in 8x fewer, larger groups).
+        "16 experts x 128, top-2": {"sizes": {"n_experts": 16, "expert_size": 128,
+                                               "top_k": 2}},
     }
 
 
 def make_step(sizes: dict[str, int], variant: dict, seed: int = 0):
+    sizes = {**sizes, **variant.get("sizes", {})}
     config = models.embedded_config(
         vocab_size=sizes["vocab_size"], n_layers=sizes["n_layers"],
         hidden_size=sizes["hidden_size"], n_heads=sizes["n_heads"],
