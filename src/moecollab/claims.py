@@ -34,6 +34,7 @@ __all__ = [
     "Verdict", "accuracy_evidence", "accuracy_is_informative", "annotation_claim",
     "coactivation_claim", "comparison_outcome", "coverage_claim", "domain_pruning_claim",
     "domain_similarity_claim", "pruning_claim", "routing_health_passed",
+    "unless_masks_differ",
     "unless_routing_healthy",
 ]
 
@@ -91,6 +92,26 @@ def unless_routing_healthy(verdict: Verdict, healthy: bool) -> Verdict:
         return verdict
     return Verdict(NOT_JUDGED, "stage 00's routing-health check failed, so no structure is "
                                f"read into this model's routing ({verdict.reason})")
+
+
+def unless_masks_differ(verdict: Verdict, n_distinct: int, n_masks: int) -> Verdict:
+    """Claim 6's ``verdict`` when its per-field masks differ, otherwise "not judged".
+
+    If every field's calibration gave the same mask, "pruning with one field's data" is the
+    same model for every field, and own and other fields' costs are equal by construction.
+
+    Examples
+    --------
+    >>> unless_masks_differ(Verdict(PARTLY, "cost +1.6%"), n_distinct=1, n_masks=10).verdict
+    'not judged'
+    >>> unless_masks_differ(Verdict(PARTLY, "cost +1.6%"), n_distinct=7, n_masks=10).verdict
+    'partly'
+    """
+    if n_distinct > 1 or n_masks < 2:
+        return verdict
+    return Verdict(NOT_JUDGED, f"all {n_masks} per-field masks are the same mask, so "
+                               "calibrating on one field changed nothing and no field can "
+                               f"lose less than the others ({verdict.reason})")
 
 
 def accuracy_is_informative(unpruned: Interval, chance: float) -> bool:
