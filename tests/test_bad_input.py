@@ -54,11 +54,11 @@ CLI_CASES = [
      "got [0.5, 1.0]"),
     ("negative ratio", ["-p", "05_pruning.domain_prune_ratio=-0.1"],
      "error: parameter 'domain_prune_ratio' of stage 05_pruning must be in [0, 1); got -0.1"),
-    ("top_k above the experts left", ["-p", "05_pruning.prune_ratios=[0.25, 0.95]"],
-     "error: parameter 'prune_ratios' of stage 05_pruning: 0.95 leaves 0 of 16 experts per "
-     "layer, fewer than top_k (2); allowed: ratios <= 0.875"),
-    ("top_k above the experts", ["-p", "00_model.top_k=17"],
-     "error: parameter 'top_k' of stage 00_model must be <= n_experts (16); got 17"),
+    ("top_k above the experts left", ["-p", "05_pruning.prune_ratios=[0.25, 0.98]"],
+     "error: parameter 'prune_ratios' of stage 05_pruning: 0.98 leaves 2 of 128 experts per "
+     "layer, fewer than top_k (4); allowed: ratios <= 0.96875"),
+    ("top_k above the experts", ["-p", "00_model.top_k=129"],
+     "error: parameter 'top_k' of stage 00_model must be <= n_experts (128); got 129"),
     ("zero atoms", ["-p", "03_hsdl.n_atoms=[0]"],
      "error: parameter 'n_atoms' of stage 03_hsdl every element must be >= 1; got [0]"),
     ("unknown field", ["-p", "domains=[biology, astrology]"],

@@ -39,9 +39,11 @@ def test_every_notebook_takes_the_runner_parameters_and_the_shared_ones(stage):
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "notebooks/params")
                                            .glob("*.yml")))
 def test_every_profile_resolves(profile, monkeypatch):
-    # A real-checkpoint profile names a hub id, which the plan accepts only when the hub is
-    # reachable (offline it stops with one line: tests/test_bad_input.py).
+    # A real-checkpoint profile names a hub id, and the paper's data a hub dataset, which the
+    # plan accepts only when the hub is reachable (offline it stops with one line:
+    # tests/test_bad_input.py, tests/test_paper_data.py).
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     plan = runner.make_plan(profile, root=ROOT)
     assert [stage.name for stage in plan.stages] == list(STAGE_NAMES)
 

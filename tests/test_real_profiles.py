@@ -80,6 +80,7 @@ SHRINK = {
     "device": "cpu",
     "00_model.max_entries_per_domain": 150, "00_model.general_text_ratio": 0.2,
     "00_model.seq_len": 64, "00_model.batch_size": 8, "00_model.n_eval_tokens": 1024,
+    "00_model.cloze_option_tokens": 4,  # tiny tokenizers have few one-token words
     "01_capture.max_tokens": 5120, "01_capture.seq_len": 64, "01_capture.batch_size": 8,
     "02_coactivation.min_count": 2,
     "03_hsdl.n_atoms": "[6, 3]", "03_hsdl.n_epochs": 3, "03_hsdl.max_samples": 2000,

@@ -1,5 +1,6 @@
 """The runner on small fake stages: skipping, forcing, damage detection, failures, the CLI."""
 
+import logging
 import subprocess
 import sys
 import time
@@ -141,7 +142,7 @@ def test_cli_help_lists_stages_and_parameters():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "00_model" in result.stdout
-    assert "n_experts: int = 16" in result.stdout
+    assert "n_experts: int = 128" in result.stdout
     assert "[in [2, 512]]" in result.stdout
 
 
@@ -152,7 +153,7 @@ def test_leftovers_of_a_killed_run_are_removed_and_the_run_resumes(project):
     (profile_folder / "executed" / ".10_first.xyz.tmp.ipynb").write_text("{}")
     assert runner.run(plan(project)) == ["ran", "ran"]
     assert sorted(p.name for p in profile_folder.iterdir()) == [".run.lock", "10_first",
-                                                               "11_second", "executed"]
+                                                               "11_second", "executed", "logs"]
     assert sorted(p.name for p in (profile_folder / "executed").iterdir()) == [
         "10_first.ipynb", "11_second.ipynb"]
 
@@ -192,6 +193,7 @@ def test_a_second_run_of_a_profile_stops_naming_the_first_and_touches_nothing(pr
 
 
 def test_a_run_asked_to_wait_runs_once_the_first_has_ended(project, caplog):
+    caplog.set_level(logging.INFO, logger="moecollab")
     holder = hold_lock(project / "artifacts" / "tiny", 2)
     started = time.monotonic()
     assert runner.run(plan(project), wait=True) == ["ran", "ran"]
