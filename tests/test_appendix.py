@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +56,19 @@ def test_every_benchmark_records_and_make_bench_asks_it_to():
     assert "--record" in (ROOT / "Makefile").read_text()
 
 
-def test_the_book_shows_the_recorded_results_of_every_benchmark():
+def test_the_book_shows_the_recorded_results_of_every_benchmark(tmp_path):
     recorded = {path.stem for path in (ROOT / "benchmarks" / "results").glob("*.json")}
     assert recorded == set(BENCHMARKS), "run `make bench` and commit benchmarks/results/"
     for name in recorded:
         payload = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
         assert payload["rows"] and payload["machine"]["cpu_cores"]
+    root, profile = fake_project(tmp_path)
+    shutil.copytree(ROOT / "benchmarks" / "results", root / "benchmarks" / "results",
+                    dirs_exist_ok=True)
+    texts = "".join(path.read_text() for path in appendix.write_appendix_parts(root, profile))
+    for name in recorded:
+        title = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())["title"]
+        assert title in texts, f"the appendix leaves out benchmark {name}"
 
 
 def test_benchmark_help_runs_without_the_heavy_work():
