@@ -95,6 +95,27 @@ def test_training_lowers_loss_and_the_balance_term_keeps_experts_alive():
     assert np.mean(balanced_log.balance_loss[-10:]) < np.mean(free_log.balance_loss[-10:])
 
 
+def test_the_log_counts_starved_experts_as_the_routing_check_does():
+    free_log, _ = _train_tiny(balance_coef=0.0)
+    balanced_log, _ = _train_tiny(balance_coef=0.1)
+    assert free_log.eval_steps == [0, 20, 40]
+    assert len(free_log.starved_experts) == len(free_log.eval_steps)
+    # The same count routing_health makes, on the validation blocks the log reads.
+    model = models.build_model(_tiny_config(), seed=0)
+    validation_blocks = _synthetic_blocks(32, seed=2)
+    loss, share = training.evaluate_blocks(model, validation_blocks, batch_size=8, device="cpu")
+    assert loss == free_log.validation_loss[0]
+    np.testing.assert_allclose(share.mean(axis=1), 1.0)
+    with torch.inference_mode():
+        output = model(input_ids=validation_blocks.input_ids, output_router_logits=True)
+    ids = np.stack([logits.topk(2, dim=-1).indices.numpy() for logits in output.router_logits],
+                   axis=1)
+    np.testing.assert_allclose(share, routing_health.expert_share(ids, n_experts=8))
+    assert free_log.starved_experts[0] == int((share < 0.2).sum())
+    # Without balancing, most experts of this tiny model starve by the end; with it few do.
+    assert free_log.starved_experts[-1] > 3 * max(balanced_log.starved_experts[-1], 1)
+
+
 def test_the_specialisation_term_raises_block_expert_information():
     plain_log, _ = _train_tiny(balance_coef=0.1)
     special_log, _ = _train_tiny(balance_coef=0.1, specialisation_coef=0.5)

@@ -26,8 +26,11 @@ def _style():
 
 def training_curves(steps: Sequence[int], train_loss: Sequence[float],
                     eval_steps: Sequence[int], validation_loss: Sequence[float],
-                    balance_loss: Sequence[float] | None = None):
-    """Next-token loss on training batches (smoothed) and on validation text, per step."""
+                    balance_loss: Sequence[float] | None = None,
+                    starved_experts: Sequence[int] | None = None):
+    """Next-token loss on training batches (smoothed) and on validation text, per step; with
+    ``balance_loss``, a second panel of it, and of ``starved_experts`` (counted at
+    ``eval_steps``) on its right-hand axis."""
     with _style():
         n_panels = 2 if balance_loss is not None else 1
         figure, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels, 3.4), squeeze=False)
@@ -46,6 +49,11 @@ def training_curves(steps: Sequence[int], train_loss: Sequence[float],
             axes[0, 1].axhline(1.0, color="0.5", linestyle="--", linewidth=0.8)
             axes[0, 1].set(xlabel="step", ylabel="per-layer balance loss (1 = even)",
                            title="Router balance")
+            if starved_experts is not None:
+                right = axes[0, 1].twinx()
+                right.plot(eval_steps, starved_experts, "s-", color="C4", markersize=3)
+                right.set_ylabel("starved experts (validation text)", color="C4")
+                right.set_ylim(bottom=0)
         figure.tight_layout()
     return figure
 

@@ -139,36 +139,55 @@ class TrainingLog:
     sequence_information: list[float] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
     validation_loss: list[float] = field(default_factory=list)
+    starved_experts: list[int] = field(default_factory=list)   # on validation text, per eval
     seconds: float = 0.0
     tokens_seen: int = 0
 
 
 @torch.inference_mode()
-def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, device) -> float:
-    """Mean next-token cross-entropy over the blocks."""
+def evaluate_blocks(model, blocks: TokenBlocks, batch_size: int,
+                    device) -> tuple[float, np.ndarray]:
+    """Mean next-token cross-entropy over the blocks, and each expert's share of its layer's
+    top-k selections on them (``(n_layers, n_experts)``, 1 = the uniform share)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, selections = 0.0, 0, None
+    top_k = model.config.num_experts_per_tok
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks.input_ids[start:start + batch_size].to(device)
-        logits = model(input_ids=input_ids).logits[:, :-1]
+        output = model(input_ids=input_ids, output_router_logits=True)
+        logits = output.logits[:, :-1]
         targets = input_ids[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                  targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
+        counts = torch.stack([
+            torch.bincount(layer.topk(top_k, dim=-1).indices.reshape(-1),
+                           minlength=layer.shape[-1]) for layer in output.router_logits])
+        selections = counts if selections is None else selections + counts
     model.train(was_training)
-    return total / max(count, 1)
+    selections = selections.double().cpu().numpy()
+    share = selections / selections.mean(axis=1, keepdims=True)
+    return total / max(count, 1), share
+
+
+def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, device) -> float:
+    """Mean next-token cross-entropy over the blocks."""
+    return evaluate_blocks(model, blocks, batch_size, device)[0]
 
 
 def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n_steps: int,
           batch_size: int, lr: float, balance_coef: float, eval_every: int, seed: int,
           device, specialisation_coef: float = 0.0, warmup_ratio: float = 0.05,
-          weight_decay: float = 0.1, progress: bool = True) -> TrainingLog:
+          weight_decay: float = 0.1, min_expert_share: float = 0.2,
+          progress: bool = True) -> TrainingLog:
     """AdamW with linear warm-up and cosine decay on next-token loss + ``balance_coef`` × the
     per-layer balancing loss − ``specialisation_coef`` × :func:`sequence_expert_information`.
 
     Batches are drawn without replacement from a seeded permutation of the training blocks
-    (a new permutation each epoch), so the same seed gives the same run on the CPU.
+    (a new permutation each epoch), so the same seed gives the same run on the CPU. Every
+    evaluation also counts the experts below ``min_expert_share`` of the uniform load on the
+    validation blocks, so the log shows when routing became balanced.
     """
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -187,8 +206,14 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
     log = TrainingLog()
     order = torch.randperm(len(train_blocks), generator=generator)
     cursor = 0
-    log.eval_steps.append(0)  # the untrained model's loss anchors the curve
-    log.validation_loss.append(evaluate_loss(model, validation_blocks, batch_size, device))
+
+    def record_evaluation(step: int) -> None:
+        loss, share = evaluate_blocks(model, validation_blocks, batch_size, device)
+        log.eval_steps.append(step)
+        log.validation_loss.append(loss)
+        log.starved_experts.append(int((share < min_expert_share).sum()))
+
+    record_evaluation(0)  # the untrained model anchors the curves
     started = time.perf_counter()
     bar = tqdm(range(n_steps), desc="training", disable=not progress, mininterval=10,
                ascii=True)
@@ -215,11 +240,10 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
         log.balance_loss.append(balance.item())
         log.sequence_information.append(information.item())
         if (step + 1) % eval_every == 0 or step + 1 == n_steps:
-            log.eval_steps.append(step + 1)
-            log.validation_loss.append(
-                evaluate_loss(model, validation_blocks, batch_size, device))
+            record_evaluation(step + 1)
             bar.set_postfix(train=f"{lm_loss.item():.3f}",
-                            validation=f"{log.validation_loss[-1]:.3f}")
+                            validation=f"{log.validation_loss[-1]:.3f}",
+                            starved=log.starved_experts[-1])
     log.seconds = time.perf_counter() - started
     model.eval()
     return log
