@@ -13,6 +13,28 @@ def test_balance_loss_is_one_for_uniform_routing():
     assert float(training.per_layer_balance_loss(logits, top_k=2)) == pytest.approx(1.0)
 
 
+def test_a_balance_window_reads_the_loads_of_recent_batches():
+    from collections import deque
+
+    generator = torch.Generator().manual_seed(0)
+    first = [torch.randn(12, 6, generator=generator) for _ in range(2)]
+    second = [torch.randn(12, 6, generator=generator) for _ in range(2)]
+    window = deque(maxlen=2)
+    training.per_layer_balance_loss(first, top_k=2, recent_counts=window)
+    windowed = training.per_layer_balance_loss(second, top_k=2, recent_counts=window)
+    # By hand: loads f from both batches, probabilities P from the second alone.
+    expected = []
+    for before, now in zip(first, second, strict=True):
+        both = torch.cat([before, now])
+        counts = torch.bincount(both.topk(2, dim=-1).indices.reshape(-1), minlength=6).float()
+        expected.append(6 * (counts / counts.sum() * now.softmax(-1).mean(0)).sum())
+    torch.testing.assert_close(windowed, torch.stack(expected).mean())
+    # A window of one is the plain per-batch loss, and only the current batch has a gradient.
+    assert torch.equal(training.per_layer_balance_loss(second, top_k=2, recent_counts=deque(
+        maxlen=1)), training.per_layer_balance_loss(second, top_k=2))
+    assert len(window) == 2 and not any(counts.requires_grad for counts in window)
+
+
 def test_per_layer_loss_sees_a_collapse_that_the_pooled_loss_hides():
     # Layer 0 sends every token to experts 0-1, layer 1 to experts 2-3: pooled over layers the
     # four experts look evenly used, but each layer has collapsed onto two of its four experts.

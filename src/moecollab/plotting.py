@@ -54,6 +54,7 @@ def training_curves(steps: Sequence[int], train_loss: Sequence[float],
                 right.plot(eval_steps, starved_experts, "s-", color="C4", markersize=3)
                 right.set_ylabel("starved experts (validation text)", color="C4")
                 right.set_ylim(bottom=0)
+                right.grid(False)   # the left axis's grid is enough
         figure.tight_layout()
     return figure
 

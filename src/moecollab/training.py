@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -74,12 +75,21 @@ def pack_blocks(texts_by_domain: dict[str, list[str]], tokenizer, seq_len: int,
     return TokenBlocks(torch.cat(blocks), domains)
 
 
-def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int,
+                           recent_counts: deque | None = None) -> torch.Tensor:
     """Switch-Transformer balancing loss computed per layer, then averaged over layers.
 
     For one layer with ``E`` experts: ``E · Σ_i f_i P_i`` where ``f_i`` is the share of top-k
-    selections that go to expert i and ``P_i`` its mean router probability. It equals 1 when
-    routing is uniform and grows as a layer concentrates on few experts.
+    selections that go to expert i and ``P_i`` its mean router probability in this batch. It
+    equals 1 when routing is uniform and grows as a layer concentrates on few experts.
+
+    ``recent_counts``, a ``deque(maxlen=w)``, makes ``f`` the share over the last ``w`` batches
+    (this one included; the deque is updated): balance is then asked of a window of batches,
+    not of each batch. With 16 sequences a batch and 128 experts a layer, one batch cannot use
+    every expert evenly unless each sequence spreads its tokens over many experts, which is
+    the opposite of specialising; a window lets sequences of one field share their experts
+    while the experts stay evenly used over time (the "global-batch" balancing of Qiu et al.,
+    2025, with past batches standing in for parallel ones).
 
     Examples
     --------
@@ -87,16 +97,19 @@ def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) ->
     >>> round(float(per_layer_balance_loss(uniform, top_k=2)), 4)
     1.0
     """
-    losses = []
+    counts, probabilities = [], []
     for logits in router_logits:
-        logits = logits.float()
-        n_experts = logits.shape[-1]
-        probabilities = logits.softmax(dim=-1)
-        selected = probabilities.topk(top_k, dim=-1).indices
-        counts = F.one_hot(selected, n_experts).sum(dim=(0, 1)).float()
-        selection_share = counts / counts.sum()
-        losses.append(n_experts * (selection_share * probabilities.mean(dim=0)).sum())
-    return torch.stack(losses).mean()
+        layer_probabilities = logits.float().softmax(dim=-1)
+        selected = layer_probabilities.topk(top_k, dim=-1).indices
+        counts.append(torch.bincount(selected.reshape(-1), minlength=logits.shape[-1]))
+        probabilities.append(layer_probabilities.mean(dim=0))
+    counts = torch.stack(counts).float()
+    if recent_counts is not None:
+        recent_counts.append(counts.detach())
+        counts = torch.stack(tuple(recent_counts)).sum(dim=0)
+    selection_share = counts / counts.sum(dim=1, keepdim=True)
+    n_experts = counts.shape[1]
+    return (n_experts * (selection_share * torch.stack(probabilities)).sum(dim=1)).mean()
 
 
 def sequence_expert_information(router_logits: Sequence[torch.Tensor],
@@ -180,9 +193,11 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
           batch_size: int, lr: float, balance_coef: float, eval_every: int, seed: int,
           device, specialisation_coef: float = 0.0, warmup_ratio: float = 0.05,
           weight_decay: float = 0.1, min_expert_share: float = 0.2,
-          progress: bool = True) -> TrainingLog:
+          balance_window: int = 1, progress: bool = True) -> TrainingLog:
     """AdamW with linear warm-up and cosine decay on next-token loss + ``balance_coef`` × the
     per-layer balancing loss − ``specialisation_coef`` × :func:`sequence_expert_information`.
+    The balancing loss reads expert loads over the last ``balance_window`` batches (1: this
+    batch alone; see :func:`per_layer_balance_loss`).
 
     Batches are drawn without replacement from a seeded permutation of the training blocks
     (a new permutation each epoch), so the same seed gives the same run on the CPU. Every
@@ -203,6 +218,9 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     top_k = model.config.num_experts_per_tok
+    if balance_window < 1:
+        raise ValueError(f"balance_window must be >= 1; got {balance_window}")
+    recent_counts: deque = deque(maxlen=balance_window)
     log = TrainingLog()
     order = torch.randperm(len(train_blocks), generator=generator)
     cursor = 0
@@ -226,7 +244,7 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
         logits = output.logits[:, :-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                   input_ids[:, 1:].reshape(-1))
-        balance = per_layer_balance_loss(output.router_logits, top_k)
+        balance = per_layer_balance_loss(output.router_logits, top_k, recent_counts)
         information = sequence_expert_information(output.router_logits, input_ids.shape[0])
         loss = lm_loss + balance_coef * balance - specialisation_coef * information
         optimizer.zero_grad(set_to_none=True)
