@@ -145,6 +145,8 @@ def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
     >>> standard = pd.DataFrame({"mask": ["u"], "task": ["arc"], "n_choices": [4]})
     >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
     ['mcq']
+    >>> accuracy_evidence(local, ["moecollab_cloze_law_held_out"], None, ["u", "c"])["label"]
+    "acc_norm, the corpus's field cloze items on held-out entries"
     >>> standard = pd.concat([standard, standard.assign(mask="c")])
     >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
     ['arc']
@@ -156,8 +158,10 @@ def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
             return {"items": standard_items, "tasks": tasks, "metric": PAPER_ACCURACY,
                     "label": "accuracy (acc_norm, acc where a task has none), the paper's "
                              "standard tasks"}
+    kind = ("field cloze items" if all("_cloze_" in task for task in local_tasks)
+            else "multiple-choice items")
     return {"items": local_items, "tasks": list(local_tasks), "metric": metric,
-            "label": f"{metric}, the corpus's multiple-choice items on held-out entries"}
+            "label": f"{metric}, the corpus's {kind} on held-out entries"}
 
 
 # --------------------------------------------------------------------------------------------
