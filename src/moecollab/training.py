@@ -158,35 +158,39 @@ class TrainingLog:
 
 
 @torch.inference_mode()
-def evaluate_blocks(model, blocks: TokenBlocks, batch_size: int,
-                    device) -> tuple[float, np.ndarray]:
-    """Mean next-token cross-entropy over the blocks, and each expert's share of its layer's
-    top-k selections on them (``(n_layers, n_experts)``, 1 = the uniform share)."""
+def evaluate_blocks(model, blocks: TokenBlocks, batch_size: int, device,
+                    loads: bool = True) -> tuple[float, np.ndarray | None]:
+    """Mean next-token cross-entropy over the blocks and, with ``loads``, each expert's share
+    of its layer's top-k selections on them (``(n_layers, n_experts)``, 1 = the uniform share;
+    the embedded model, whose every layer is a MoE layer of the same size)."""
     was_training = model.training
     model.eval()
     total, count, selections = 0.0, 0, None
-    top_k = model.config.num_experts_per_tok
     for start in range(0, len(blocks), batch_size):
         input_ids = blocks.input_ids[start:start + batch_size].to(device)
-        output = model(input_ids=input_ids, output_router_logits=True)
+        output = model(input_ids=input_ids, output_router_logits=loads)
         logits = output.logits[:, :-1]
         targets = input_ids[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                  targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
-        counts = torch.stack([
-            torch.bincount(layer.topk(top_k, dim=-1).indices.reshape(-1),
-                           minlength=layer.shape[-1]) for layer in output.router_logits])
-        selections = counts if selections is None else selections + counts
+        if loads:
+            top_k = model.config.num_experts_per_tok
+            counts = torch.stack([
+                torch.bincount(layer.topk(top_k, dim=-1).indices.reshape(-1),
+                               minlength=layer.shape[-1]) for layer in output.router_logits])
+            selections = counts if selections is None else selections + counts
     model.train(was_training)
-    selections = selections.double().cpu().numpy()
-    share = selections / selections.mean(axis=1, keepdims=True)
+    share = None
+    if selections is not None:
+        selections = selections.double().cpu().numpy()
+        share = selections / selections.mean(axis=1, keepdims=True)
     return total / max(count, 1), share
 
 
 def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, device) -> float:
-    """Mean next-token cross-entropy over the blocks."""
-    return evaluate_blocks(model, blocks, batch_size, device)[0]
+    """Mean next-token cross-entropy over the blocks (any causal LM, pretrained ones too)."""
+    return evaluate_blocks(model, blocks, batch_size, device, loads=False)[0]
 
 
 def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n_steps: int,
