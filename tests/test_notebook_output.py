@@ -32,12 +32,14 @@ def test_glueing_a_figure_stores_a_png_under_the_agg_backend(monkeypatch):
     InteractiveShell.instance()
     figure, axis = plt.subplots()
     axis.plot([0, 1], [1, 0])
+    axis.set_title("A line")
     with capture_output() as captured:
         notebook.glue("fig_line", figure, display=False)
     (output,) = captured.outputs
     png = base64.b64decode(output.data[notebook.GLUE_PREFIX + "image/png"])
     assert png.startswith(PNG_SIGNATURE)
-    assert output.data[notebook.GLUE_PREFIX + "text/plain"].startswith("<Figure size")
+    # The text form names the figure; matplotlib's "<Figure size …>" repr never reaches a page.
+    assert output.data[notebook.GLUE_PREFIX + "text/plain"] == "Figure: A line"
     assert output.metadata["scrapbook"] == {"name": "fig_line",
                                             "mime_prefix": notebook.GLUE_PREFIX}
     assert not plt.get_fignums()  # closed, so the inline backend cannot show it again

@@ -48,22 +48,27 @@ def figure_bundle(figure) -> tuple[dict[str, str], dict[str, Any]]:
     """The MIME bundle of a figure (``image/png`` in base64, ``text/plain``) and its metadata.
 
     Drawn at the figure's own dpi with a tight bounding box, as Jupyter's inline backend does,
-    and without the PNG's "Software" entry so that re-runs give identical bytes.
+    and without the PNG's "Software" entry so that re-runs give identical bytes. The text form
+    names the figure by its panels' titles instead of matplotlib's ``<Figure size …>`` repr, so
+    a reader of a source notebook, or a page where the image cannot show, sees what it is.
 
     Examples
     --------
     >>> import matplotlib.figure
     >>> figure = matplotlib.figure.Figure(figsize=(2, 1))
-    >>> _ = figure.subplots().plot([0, 1])
+    >>> axis = figure.subplots()
+    >>> _ = axis.plot([0, 1]), axis.set_title("Loss")
     >>> bundle, metadata = figure_bundle(figure)
     >>> sorted(bundle), bundle["text/plain"]
-    (['image/png', 'text/plain'], '<Figure size 200x100 with 1 Axes>')
+    (['image/png', 'text/plain'], 'Figure: Loss')
     """
     from IPython.core.pylabtools import print_figure
 
+    titles = [axis.get_title() for axis in figure.get_axes() if axis.get_title()]
+    description = "; ".join(([figure.get_suptitle()] if figure.get_suptitle() else []) + titles)
     bundle = {"image/png": print_figure(figure, "png", base64=True,
                                         metadata={"Software": None}),
-              "text/plain": repr(figure)}
+              "text/plain": f"Figure: {description}" if description else "Figure"}
     data_file = getattr(figure, DATA_ATTRIBUTE, None)
     metadata = {"moecollab": {"data": data_file}} if data_file else {}
     return bundle, metadata
