@@ -75,6 +75,14 @@ def pack_blocks(texts_by_domain: dict[str, list[str]], tokenizer, seq_len: int,
     return TokenBlocks(torch.cat(blocks), domains)
 
 
+def _selection_counts(scores: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+    """How often each expert is among a token's top k by ``scores`` (router logits or
+    probabilities, one ``(tokens, n_experts)`` tensor per layer): ``(n_layers, n_experts)``."""
+    return torch.stack([
+        torch.bincount(layer.topk(top_k, dim=-1).indices.reshape(-1), minlength=layer.shape[-1])
+        for layer in scores])
+
+
 def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int,
                            recent_counts: deque | None = None) -> torch.Tensor:
     """Switch-Transformer balancing loss computed per layer, then averaged over layers.
@@ -97,13 +105,9 @@ def per_layer_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int,
     >>> round(float(per_layer_balance_loss(uniform, top_k=2)), 4)
     1.0
     """
-    counts, probabilities = [], []
-    for logits in router_logits:
-        layer_probabilities = logits.float().softmax(dim=-1)
-        selected = layer_probabilities.topk(top_k, dim=-1).indices
-        counts.append(torch.bincount(selected.reshape(-1), minlength=logits.shape[-1]))
-        probabilities.append(layer_probabilities.mean(dim=0))
-    counts = torch.stack(counts).float()
+    layer_probabilities = [logits.float().softmax(dim=-1) for logits in router_logits]
+    probabilities = [layer.mean(dim=0) for layer in layer_probabilities]
+    counts = _selection_counts(layer_probabilities, top_k).float()
     if recent_counts is not None:
         recent_counts.append(counts.detach())
         counts = torch.stack(tuple(recent_counts)).sum(dim=0)
@@ -175,10 +179,7 @@ def evaluate_blocks(model, blocks: TokenBlocks, batch_size: int, device,
                                  targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
         if loads:
-            top_k = model.config.num_experts_per_tok
-            counts = torch.stack([
-                torch.bincount(layer.topk(top_k, dim=-1).indices.reshape(-1),
-                               minlength=layer.shape[-1]) for layer in output.router_logits])
+            counts = _selection_counts(output.router_logits, model.config.num_experts_per_tok)
             selections = counts if selections is None else selections + counts
     model.train(was_training)
     share = None
