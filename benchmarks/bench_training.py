@@ -10,7 +10,9 @@ as a ratio to the first, so a busy machine slows all of them alike:
    one thread, the experts' ``eager`` loop instead of ``grouped_mm``, ``torch.compile``,
    bf16 autocast, and the first default architecture (16 experts of width 128, top-2).
 2. ``evaluation``: seconds to evaluate one model on the field cloze task (lm-eval's ``HFLM``
-   against ``moecollab.scoring.SharedContextLM``, which shares inputs and tokenization).
+   against ``moecollab.scoring.SharedContextLM``, which shares inputs and tokenization), on one
+   item per held-out definition (its last field word) and on the default items (one at every
+   field word, whose shorter contexts ``SharedContextLM`` reads inside the longest).
 
 Run: ``python benchmarks/bench_training.py`` (about 10 minutes on 2 cores); ``--quick`` for a
 short check.
@@ -118,8 +120,10 @@ def time_training(sizes: dict[str, int], n_steps: int, rounds: int) -> dict[str,
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def time_evaluation(sizes: dict[str, int], max_items: int, rounds: int) -> dict[str, float]:
-    """Seconds per model on the cloze task: HFLM against SharedContextLM (same tasks)."""
+def time_evaluation(sizes: dict[str, int], max_items: int, rounds: int
+                    ) -> tuple[dict[str, float], dict[str, int]]:
+    """Seconds per model on the cloze task: HFLM against SharedContextLM (same tasks), and
+    SharedContextLM on every blank of each definition; and the items of each variant."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -137,23 +141,32 @@ def time_evaluation(sizes: dict[str, int], max_items: int, rounds: int) -> dict[
         n_experts=sizes["n_experts"], top_k=sizes["top_k"], expert_size=sizes["expert_size"],
         seq_len=sizes["seq_len"], tokenizer=tokenizer)
     model = models.build_model(config, seed=0).eval()
-    items = make_cloze_items(corpus, tokenizer=tokenizer).head(max_items).assign(split="held_out")
+    item_sets = {blanks: make_cloze_items(corpus, tokenizer=tokenizer, blanks_per_entry=blanks)
+                 .head(max_items).assign(split="held_out") for blanks in (1, 0)}
     encodings: dict = {}
     with tempfile.TemporaryDirectory() as folder:
-        names = evaluation.write_mcq_tasks(items, folder, splits=("held_out",), family="cloze")
-        tasks = get_task_dict(names[-1:], TaskManager(include_path=folder,
-                                                      include_defaults=False))
-        makers = {"HFLM": lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64),
-                  "SharedContextLM": lambda: SharedContextLM(
-                      pretrained=model, tokenizer=tokenizer, batch_size=64,
-                      encodings=encodings)}
-        seconds: dict[str, list[float]] = {name: [] for name in makers}
+        tasks = {}
+        for blanks, items in item_sets.items():
+            prefix = f"blanks{blanks}"
+            names = evaluation.write_mcq_tasks(items, folder, prefix=prefix,
+                                               splits=("held_out",), family="cloze")
+            tasks[blanks] = get_task_dict(names[-1:], TaskManager(include_path=folder,
+                                                                  include_defaults=False))
+        shared = lambda: SharedContextLM(  # noqa: E731
+            pretrained=model, tokenizer=tokenizer, batch_size=64, encodings=encodings)
+        variants = {
+            "HFLM": (lambda: HFLM(pretrained=model, tokenizer=tokenizer, batch_size=64), 1),
+            "SharedContextLM": (shared, 1),
+            "SharedContextLM, every field word": (shared, 0)}
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(rounds):
-            for name, make in makers.items():
+            for name, (make, blanks) in variants.items():
                 start = time.perf_counter()
-                evaluate(lm=make(), task_dict=tasks, log_samples=True, bootstrap_iters=0)
+                evaluate(lm=make(), task_dict=tasks[blanks], log_samples=True,
+                         bootstrap_iters=0)
                 seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    n_items = {name: len(item_sets[blanks]) for name, (_, blanks) in variants.items()}
+    return {name: statistics.median(values) for name, values in seconds.items()}, n_items
 
 
 def main() -> None:
@@ -171,21 +184,26 @@ def main() -> None:
     for name, value in train.items():
         print(f"  {name:<30}{value:8.3f} s  {tokens / value:8,.0f} tok/s  "
               f"x{value / train[first]:.2f}")
-    evaluation_seconds = time_evaluation(sizes, max_items, rounds)
+    evaluation_seconds, n_items = time_evaluation(sizes, max_items, rounds)
     print("evaluation of one model on the cloze task (lm-eval)")
     for name, value in evaluation_seconds.items():
-        print(f"  {name:<30}{value:8.1f} s  x{value / evaluation_seconds['HFLM']:.2f}")
+        print(f"  {name:<36}{value:8.1f} s  {n_items[name]:6,} items  "
+              f"x{value / evaluation_seconds['HFLM']:.2f}")
     if args.record and not args.quick:
         rows = [{"measure": f"training step: {name} / default (s per step: "
                             f"{value:.2f})", "value": f"{value / train[first]:.2f}"}
                 for name, value in train.items()]
         rows.append({"measure": "training throughput, default settings (tokens/s)",
                      "value": f"{tokens / train[first]:,.0f}"})
-        rows += [{"measure": f"evaluation of one model, {name} (s)", "value": f"{value:.1f}"}
-                 for name, value in evaluation_seconds.items()]
+        rows += [{"measure": f"evaluation of one model, {name}, {n_items[name]:,} items (s)",
+                  "value": f"{value:.1f}"} for name, value in evaluation_seconds.items()]
         ratio = evaluation_seconds["SharedContextLM"] / evaluation_seconds["HFLM"]
         rows.append({"measure": "evaluation: SharedContextLM / HFLM", "value": f"{ratio:.2f}",
                      "target": "< 1"})
+        every = evaluation_seconds["SharedContextLM, every field word"]
+        rows.append({"measure": "evaluation: every field word / one per definition, seconds "
+                                "per model (SharedContextLM)",
+                     "value": f"{every / evaluation_seconds['SharedContextLM']:.2f}"})
         record("training", "Training and evaluation throughput of the embedded model",
                rows, settings=f"default architecture {sizes}; {n_steps} steps x {rounds} "
                               "interleaved rounds; evaluation: every cloze item, median of "

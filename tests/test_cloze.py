@@ -103,7 +103,32 @@ def test_tokenizer_limits_options_to_one_token():
     assert not any("alkali" in choices for choices in items["choices"])
 
 
+def test_every_cue_of_an_entry_gives_an_item_last_first():
+    corpus = _corpus()
+    corpus.loc[len(corpus)] = {"entry_id": "law-test-two", "headword": "Two",
+                               "domain": "law", "split": "test",
+                               "definition": "the court heard a plaintiff and an acid."}
+    items = make_cloze_items(corpus).set_index("item_id")
+    two = items[items["entry_id"] == "law-test-two"]
+    # "court" (word 1) comes before min_context_words; "plaintiff" (word 4) is the only law
+    # cue after it ("acid" is chemistry's).
+    assert two.index.tolist() == ["cloze-law-test-two-004"]
+    corpus.loc[len(corpus)] = {"entry_id": "law-test-three", "headword": "Three",
+                               "domain": "law", "split": "test",
+                               "definition": "one odd thing the court said on a statute."}
+    items = make_cloze_items(corpus)
+    three = items[items["entry_id"] == "law-test-three"]
+    assert sorted(three["question"]) == ["Three: one odd thing the",
+                                         "Three: one odd thing the court said on a"]
+    assert len(set(three["item_id"])) == 2
+    first = make_cloze_items(corpus, blanks_per_entry=1)
+    only = first[first["entry_id"] == "law-test-three"]
+    assert only["question"].tolist() == ["Three: one odd thing the court said on a"]
+    assert (first.groupby("entry_id").size() == 1).all()
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    ({"blanks_per_entry": -1}, "blanks_per_entry"),
     ({"splits": ("train", "test")}, "must not include 'train'"),
     ({"n_choices": 1}, "n_choices"),
     ({"n_choices": 6}, "only 5 fields have cue words"),

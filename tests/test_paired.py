@@ -198,3 +198,48 @@ def test_separation_of_tied_methods_is_zero_and_of_distinct_ones_is_counted_in_e
     assert found["z"] == pytest.approx(difference / found["standard_error"])
     with pytest.raises(ValueError, match="at least two methods"):
         paired.separation(paired.resample_tasks(items, ["good"], "acc"), {"good": "good"})
+
+
+def _with_clusters(items: pd.DataFrame, copies: int) -> pd.DataFrame:
+    """Every document repeated ``copies`` times, the copies one cluster (doc_ids renumbered)."""
+    repeated = items.loc[items.index.repeat(copies)].copy()
+    repeated["cluster"] = [f"{task}:{doc}" for task, doc in zip(repeated["task"],
+                                                                 repeated["doc_id"], strict=True)]
+    repeated["doc_id"] = repeated.groupby(["mask", "task"]).cumcount()
+    return repeated.reset_index(drop=True)
+
+
+def test_clusters_are_resampled_whole():
+    rng = np.random.default_rng(1)
+    scores = {"a": [rng.integers(0, 2, 40).tolist(), rng.integers(0, 2, 30).tolist()],
+              "b": [rng.integers(0, 2, 40).tolist(), rng.integers(0, 2, 30).tolist()]}
+    items = _mcq_items(scores)
+    alone = paired.resample_tasks(items, ["a", "b"], "acc", n_resamples=300, random_state=4)
+    # Three copies of each item in one cluster: the same evidence as one item, so exactly the
+    # same resamples (a cluster draw is an item draw) ...
+    clustered = _with_clusters(items, 3)
+    tripled = paired.resample_tasks(clustered, ["a", "b"], "acc", n_resamples=300,
+                                    random_state=4)
+    for model in ("a", "b"):
+        np.testing.assert_allclose(tripled.point[model], alone.point[model])
+        np.testing.assert_allclose(tripled.resamples[model], alone.resamples[model])
+    assert tripled.n_items == {"t0": 120, "t1": 90}
+    # ... while the copies taken as independent items narrow the interval by about sqrt(3).
+    naive = paired.resample_tasks(clustered.drop(columns="cluster"), ["a", "b"], "acc",
+                                  n_resamples=300, random_state=4)
+    ratio = (np.std(alone.resamples["a"][:, 0] - alone.resamples["b"][:, 0])
+             / np.std(naive.resamples["a"][:, 0] - naive.resamples["b"][:, 0]))
+    assert 1.4 < ratio < 2.1
+
+
+def test_clusters_of_unequal_size_pool_their_items_and_perplexity_too():
+    items = pd.DataFrame({
+        "mask": "a", "task": "t", "doc_id": [0, 1, 2], "cluster": ["x", "x", "y"],
+        "acc": [1.0, 1.0, 0.0], "loglikelihood": [-1.0, -2.0, -4.0], "n_words": [1.0, 1.0, 2.0]})
+    resampled = paired.resample_tasks(items, ["a"], "acc", n_resamples=400)
+    # A resample holds x twice (1.0), y twice (0.0) or one of each (2 of 3 items right).
+    assert set(np.round(resampled.resamples["a"][:, 0], 6)) == {0.0, 1.0, round(2 / 3, 6)}
+    ppl = paired.resample_tasks(items, ["a"], "word_perplexity", n_resamples=400)
+    # x: -3 over 2 words, y: -4 over 2 words.
+    assert set(np.round(ppl.resamples["a"][:, 0], 6)) == {
+        round(math.exp(6 / 4), 6), round(math.exp(8 / 4), 6), round(math.exp(7 / 4), 6)}

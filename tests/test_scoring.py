@@ -14,7 +14,7 @@ import torch
 from lm_eval.evaluator import evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager, get_task_dict
-from tiny_models import VOCAB_SIZE, tiny_model
+from tiny_models import EXTRA_FAMILIES, FAMILIES, VOCAB_SIZE, tiny_model
 
 from moecollab import evaluation
 from moecollab.models import train_tokenizer
@@ -47,6 +47,11 @@ def _requests(tokenizer, max_length: int):
         requests.append((("", ""), context, encode(f" {word}")[:1]))
     for word in WORDS[:4]:  # multi-token continuations
         requests.append((("", ""), context, encode(f" {word} are studied in a lab.")))
+    # a cloze item cut at several words of one text: each context begins the next
+    sentence = encode(" ".join(["The gene and the acid are studied by the court."] * 2))
+    for cut in (3, 6, 9, 14):
+        for word in WORDS[:4]:
+            requests.append((("", ""), sentence[:cut], encode(f" {word}")[:1]))
     requests.append((("", ""), long_context, encode(" court")))
     requests.append((("", ""), encode("The"), encode(" judge and the statute.")))
     return requests
@@ -64,7 +69,7 @@ def test_loglikelihoods_equal_hflm_request_by_request(model, tokenizer):
     assert [greedy for _, greedy in found] == [greedy for _, greedy in expected]
 
 
-def test_each_distinct_input_runs_once(model, tokenizer, monkeypatch):
+def test_each_input_is_read_once_inside_the_longest_it_begins(model, tokenizer, monkeypatch):
     shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=64)
     rows = []
     original = shared._score_batch
@@ -76,8 +81,12 @@ def test_each_distinct_input_runs_once(model, tokenizer, monkeypatch):
     monkeypatch.setattr(shared, "_score_batch", counting)
     requests = _requests(tokenizer, max_length=shared.max_length)
     shared._loglikelihood_tokens(requests, disable_tqdm=True)
-    # nine one-token options read one input; four multi-token ones, two singles: six more
-    assert len(rows) == len(set(rows)) == 1 + 4 + 2
+    assert len(rows) == len(set(rows))
+    # No input the model read begins another: each was read inside the longest one.
+    assert not any(a != b and b[:len(a)] == a for a in rows for b in rows)
+    # The four multi-token continuations of one context (which the one-token options' input
+    # begins), the long context, "The judge and the statute" and the text cut at four words.
+    assert len(rows) == 4 + 1 + 1 + 1
 
 
 def _cloze_items() -> pd.DataFrame:
@@ -129,3 +138,18 @@ def _loglikelihoods(sample) -> np.ndarray:
     """A logged sample's log-likelihoods: one per choice, or the document's for perplexity."""
     return np.array([response[0] if isinstance(response, (list, tuple)) else response
                      for response in sample["filtered_resps"]], dtype=float)
+
+
+@pytest.mark.parametrize("family", FAMILIES + EXTRA_FAMILIES)
+def test_every_family_keeps_its_logits_when_only_scored_positions_reach_the_output_layer(
+        family, tokenizer):
+    # Families scale or cap logits after the output layer (Granite divides them, some add a
+    # bias): narrowing the layer's input must leave every log-likelihood as HFLM computes it.
+    model = tiny_model(family).eval()
+    requests = _requests(tokenizer, max_length=64)
+    expected = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=64
+                    )._loglikelihood_tokens(requests, disable_tqdm=True)
+    found = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=5, max_length=64
+                            )._loglikelihood_tokens(requests, disable_tqdm=True)
+    np.testing.assert_allclose([value for value, _ in found],
+                               [value for value, _ in expected], rtol=0, atol=1e-4)

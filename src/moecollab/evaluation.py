@@ -256,10 +256,9 @@ def write_mcq_tasks(
         subtasks = []
         for domain in domain_order:
             _check_name("domain", domain)
-            rows = items[(items["domain"] == domain) & (items["split"] == split)]
+            rows = _task_rows(items, domain, split)
             if rows.empty:
                 continue
-            rows = rows.sort_values("item_id", kind="stable")
             name = f"{prefix}_{family}_{domain}_{split}"
             data_name, yaml_name = f"{name}.jsonl", f"{name}.yaml"
             texts[data_name] = _jsonl_text([_mcq_row(row) for row in rows.to_dict("records")])
@@ -284,6 +283,45 @@ def write_mcq_tasks(
                          f"{sorted(set(items['split']))}")
     _write_task_files(task_dir, f"{prefix}_{family}{_MANIFEST_SUFFIX}", texts, tasks, groups)
     return [*tasks, *groups]
+
+
+def _task_rows(items: pd.DataFrame, domain: str, split: str) -> pd.DataFrame:
+    """The items of one task, in the order of its documents (lm-eval's ``doc_id``)."""
+    rows = items[(items["domain"] == domain) & (items["split"] == split)]
+    return rows.sort_values("item_id", kind="stable")
+
+
+def document_clusters(items: pd.DataFrame, *, splits: Sequence[str], family: str = "mcq",
+                      prefix: str = "moecollab") -> pd.DataFrame:
+    """Which cluster each document of :func:`write_mcq_tasks`'s tasks belongs to.
+
+    Items cut from one entry (several cloze blanks of one definition) share their text, so an
+    interval must resample them together; the cluster is the item's ``entry_id`` where items
+    have one, else the item itself. Same arguments as :func:`write_mcq_tasks`.
+
+    Returns
+    -------
+    DataFrame
+        ``task``, ``doc_id`` and ``cluster`` (a string), one row per document: the column
+        :func:`moecollab.paired.resample_tasks` resamples whole when the per-item table has it.
+
+    Examples
+    --------
+    >>> items = pd.DataFrame({"item_id": ["c-e1-4", "c-e1-2", "c-e2-3"],
+    ...                       "entry_id": ["e1", "e1", "e2"], "domain": "law", "split": "test"})
+    >>> found = document_clusters(items, splits=["test"], family="cloze")
+    >>> found["task"].unique().tolist(), found["doc_id"].tolist(), found["cluster"].tolist()
+    (['moecollab_cloze_law_test'], [0, 1, 2], ['e1', 'e1', 'e2'])
+    """
+    rows = []
+    for split in splits:
+        for domain in _domain_order(items["domain"]):
+            task_items = _task_rows(items, domain, split)
+            clusters = (task_items["entry_id"] if "entry_id" in task_items
+                        else task_items["item_id"])
+            rows += [{"task": f"{prefix}_{family}_{domain}_{split}", "doc_id": doc_id,
+                      "cluster": str(cluster)} for doc_id, cluster in enumerate(clusters)]
+    return pd.DataFrame(rows, columns=["task", "doc_id", "cluster"])
 
 
 def _domain_order(domains: pd.Series) -> list[str]:

@@ -6,7 +6,10 @@ between two models is the noise of the *difference*, item by item, not of either
 These functions take the per-item table that :func:`moecollab.evaluation.item_table` makes and
 return percentile intervals from a **paired, stratified bootstrap**: each resample draws, within
 every task, as many items as the task has, with replacement, and the *same* draw is applied to
-every model. Group values are the unweighted mean over tasks, as in the study's lm-eval groups.
+every model. Items that are not independent (several cloze blanks cut from one definition) carry
+a ``cluster`` column; then a task draws as many clusters as it has, each with all its items (a
+cluster bootstrap), so shared text does not pass for more evidence than it is. Group values are
+the unweighted mean over tasks, as in the study's lm-eval groups.
 
 The atom-purity comparison of the annotation chapter has its own paired bootstrap,
 :func:`paired_purity_difference`, which resamples documents (trained model and untrained control
@@ -42,7 +45,8 @@ __all__ = [
     "separation",
 ]
 
-#: Columns of the per-item table (one row per model, task and document).
+#: Columns of the per-item table (one row per model, task and document). An optional ``cluster``
+#: column names the items a bootstrap resamples together (:func:`resample_tasks`).
 ITEM_COLUMNS: tuple[str, ...] = (
     "mask", "task", "domain", "split", "doc_id", "n_choices", "acc", "acc_norm",
     "loglikelihood", "n_words", "n_bytes",
@@ -182,6 +186,16 @@ def _chosen_metric(items: pd.DataFrame, task: str, metric: str) -> str:
     return "acc_norm" if has_norm else "acc"
 
 
+def _task_clusters(items: pd.DataFrame, task: str, model: str) -> np.ndarray | None:
+    """Cluster codes of one task's documents in ``doc_id`` order, or None (every item its own)."""
+    if "cluster" not in items:
+        return None
+    rows = items[(items["task"] == task) & (items["mask"] == model)].sort_values("doc_id")
+    if rows["cluster"].isna().any():
+        return None
+    return pd.factorize(rows["cluster"].astype(str))[0]  # numbered in document order
+
+
 def _aligned_task(items: pd.DataFrame, task: str, models: Sequence[str], column: str,
                   units: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-model values of one task, rows aligned by ``doc_id``; refuses unpaired items."""
@@ -226,6 +240,9 @@ def resample_tasks(
     ----------
     items : DataFrame
         The per-item table (:data:`ITEM_COLUMNS`; :func:`moecollab.evaluation.item_table`).
+        With a ``cluster`` column (no missing value in a task), a task's resample draws its
+        clusters with replacement, each with all its items (clusters are read from the first
+        model's rows: they are a property of the document).
     models : sequence of str
         Values of ``items["mask"]`` to compare; each must have the same documents in every
         task (refused otherwise: an unpaired comparison is not what this computes).
@@ -286,11 +303,26 @@ def resample_tasks(
         for index, name in enumerate(models):
             point[name][column_index] = _task_metric(
                 task_metric, values[index], units[index] if units is not None else None)
+        clusters = _task_clusters(chosen, task, models[0])
+        if clusters is not None:
+            # A cluster's items enter together: per model, the sums of the cluster's values
+            # (and units, or item counts) are what the metric adds up.
+            n_clusters = int(clusters.max()) + 1
+            values = np.stack([np.bincount(clusters, row, n_clusters) for row in values])
+            units = (np.stack([np.bincount(clusters, row, n_clusters) for row in units])
+                     if units is not None else
+                     np.broadcast_to(np.bincount(clusters, minlength=n_clusters).astype(float),
+                                     values.shape))
+            n_task = n_clusters
         chunk = max(1, _CHUNK_ENTRIES // n_task)
         for start in range(0, n_resamples, chunk):
             stop = min(start + chunk, n_resamples)
             draw = rng.integers(0, n_task, size=(stop - start, n_task))
             for index, name in enumerate(models):
+                if clusters is not None and task_metric in ("acc", "acc_norm"):
+                    resamples[name][start:stop, column_index] = (
+                        values[index][draw].sum(axis=-1) / units[index][draw].sum(axis=-1))
+                    continue
                 resamples[name][start:stop, column_index] = _task_metric(
                     task_metric, values[index][draw],
                     units[index][draw] if units is not None else None)

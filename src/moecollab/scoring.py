@@ -2,21 +2,24 @@
 
 :class:`SharedContextLM` is lm-eval's own ``HFLM`` with one method replaced: the one that turns
 (context, continuation) token pairs into log-likelihoods. Tasks, prompts, metrics, aggregation
-and standard errors stay lm-eval's. Two savings, neither of which changes a number (a test
+and standard errors stay lm-eval's. Three savings, none of which changes a number (a test
 compares every per-document result with ``HFLM``'s):
 
-- **Identical inputs run once.** The model reads ``context + continuation[:-1]``; every option
-  of a one-word cloze item is the same input, so four requests cost one forward pass. (``HFLM``
-  already shares one-token continuations; here any repeated input is shared, and nothing is
-  kept per request.)
+- **An input is read once, inside the longest input it begins.** The model reads
+  ``context + continuation[:-1]``; every option of a one-word cloze item is the same input, so
+  four requests cost one forward pass, and since a causal model's output at a position depends
+  only on the tokens up to it, an input that begins another one is scored at its positions
+  within the longer one: the cloze items cut from one definition at several words cost one
+  forward pass together. (``HFLM`` shares one-token continuations of one context only.)
 - **Text is tokenized once.** lm-eval encodes every context and every context + continuation
   for each model it evaluates; the encodings can be kept in a dictionary the caller shares
   between the models of one study (``encodings``), since they depend on the tokenizer only.
 - **The output layer runs only where a token is scored.** A model's vocabulary projection and
   log-softmax cost as much as the rest of a small model; for a cloze item only the last
-  position of the context is scored. Each batch asks the model for the logits of the span of
-  positions its rows score (``logits_to_keep``), through the model's own forward, so any
-  scaling a family applies to its logits is kept.
+  position of the context is scored. Each batch asks the model for the span of positions its
+  rows score (``logits_to_keep``), and a hook on the output layer narrows that layer's input
+  to the scored (row, position) pairs, so the model's own forward still runs and any scaling a
+  family applies to its logits is kept.
 
 Batches are the distinct inputs sorted by length (longest first), right-padded like ``HFLM``'s,
 so a batch's scored spans overlap and its padding is small.
@@ -67,55 +70,111 @@ class SharedContextLM(HFLM):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int)
                                      else 64)
-        # What the model reads for each request (truncated from the left like HFLM) and how
-        # many of its last positions are scored.
-        inputs: dict[tuple[int, ...], int] = {}
-        plan = []
+        # What the model reads for each request (truncated from the left like HFLM).
+        windows = []
         for _, context, continuation in requests:
             if not context or not continuation:
                 raise ValueError("every request needs a non-empty context and continuation")
-            window = tuple((context + continuation)[-(self.max_length + 1):][:-1])
-            n_scored = len(continuation)
-            inputs[window] = max(inputs.get(window, 0), n_scored)
-            plan.append((window, continuation))
-        order = sorted(inputs, key=lambda window: (-len(window), window))
-        scored: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+            windows.append(tuple((context + continuation)[-(self.max_length + 1):][:-1]))
+        # Each input is read inside the longest input it begins (its host), and each host
+        # once: the positions a request scores are the same positions of the host.
+        host_of = prefix_hosts(windows)
+        positions: dict[tuple[int, ...], set[int]] = {}
+        requests_of: dict[tuple[int, ...], list[int]] = {}
+        for index, ((_, _, continuation), window) in enumerate(
+                zip(requests, windows, strict=True)):
+            host = host_of[window]
+            positions.setdefault(host, set()).update(
+                range(len(window) - len(continuation), len(window)))
+            requests_of.setdefault(host, []).append(index)
+        order = sorted(positions, key=lambda window: (-len(window), window))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         bar = tqdm(total=len(order), disable=disable_tqdm or self.rank != 0, ascii=True,
                    desc="distinct inputs", mininterval=10)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            scored.update(self._score_batch(batch, [inputs[window] for window in batch]))
+            scored = self._score_batch(batch, [sorted(positions[host]) for host in batch])
+            for host in batch:
+                log_probs, row_of = scored[host]
+                for index in requests_of[host]:
+                    continuation = requests[index][2]
+                    end = len(windows[index])
+                    rows = log_probs[[row_of[position] for position in
+                                      range(end - len(continuation), end)]]
+                    tokens = torch.tensor(continuation)
+                    picked = rows.gather(1, tokens[:, None]).squeeze(1)
+                    results[index] = (float(picked.sum()),
+                                      bool((rows.argmax(dim=-1) == tokens).all()))
             bar.update(len(batch))
         bar.close()
-        results = []
-        for window, continuation in plan:
-            log_probs, greedy = scored[window]
-            n = len(continuation)
-            tokens = torch.tensor(continuation)
-            picked = log_probs[-n:].gather(1, tokens[:, None]).squeeze(1)
-            answer = (float(picked.sum()), bool((greedy[-n:] == tokens).all()))
-            results.append(answer)
         return results
 
     @torch.no_grad()
-    def _score_batch(self, windows: list[tuple[int, ...]], n_scored: list[int]
-                     ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
-        """Log-probabilities of the next token at each window's last ``n_scored`` positions
-        (as float32 on the CPU, one row per position) and the greedy tokens there."""
+    def _score_batch(self, windows: list[tuple[int, ...]], positions: list[list[int]]
+                     ) -> dict[tuple[int, ...], tuple[torch.Tensor, dict[int, int]]]:
+        """Log-probabilities of the next token at the given positions of each window (as
+        float32 on the CPU, one row per position, and which row each position is)."""
         length = len(windows[0])  # the longest: windows are sorted by length
         input_ids = torch.zeros((len(windows), length), dtype=torch.long)
         for row, window in enumerate(windows):
             input_ids[row, :len(window)] = torch.tensor(window)
-        first = min(len(window) - n for window, n in zip(windows, n_scored, strict=True))
+        first = min(min(wanted) for wanted in positions)
         last = max(len(window) for window in windows)
         keep = torch.arange(first, last, device=self.device)
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
-            logits = self.model(input_ids.to(self.device), logits_to_keep=keep).logits
-        log_probs = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+        rows = torch.tensor([row for row, wanted in enumerate(positions) for _ in wanted],
+                            device=self.device)
+        columns = torch.tensor([position - first for wanted in positions for position in wanted],
+                               device=self.device)
+
+        # The output layer reads only the scored positions: its input (the kept span of every
+        # row) is narrowed to them, so whatever the family does to logits afterwards still
+        # applies, to one row of len(rows) positions.
+        def scored_only(module, args):
+            return (args[0][rows, columns].unsqueeze(0), *args[1:])
+
+        head = self.model.get_output_embeddings()
+        hook = head.register_forward_pre_hook(scored_only)
+        try:
+            with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                enabled=self.mixed_precision_dtype is not None):
+                logits = self.model(input_ids.to(self.device), logits_to_keep=keep).logits
+        finally:
+            hook.remove()
+        if logits.shape[:2] != (1, len(rows)):
+            raise RuntimeError(f"the output layer of {type(self.model).__name__} did not keep "
+                               f"the scored positions (logits of shape {tuple(logits.shape)}, "
+                               f"expected (1, {len(rows)}, vocabulary))")
+        log_probs = F.log_softmax(logits[0], dim=-1, dtype=self.softmax_dtype).float().cpu()
         out = {}
-        for row, (window, n) in enumerate(zip(windows, n_scored, strict=True)):
-            positions = slice(len(window) - n - first, len(window) - first)
-            selected = log_probs[row, positions].float().cpu()
-            out[window] = (selected, selected.argmax(dim=-1))
+        offset = 0
+        for window, wanted in zip(windows, positions, strict=True):
+            out[window] = (log_probs[offset:offset + len(wanted)],
+                           {position: offset_row for offset_row, position in
+                            enumerate(wanted)})
+            offset += len(wanted)
         return out
+
+
+def prefix_hosts(windows) -> dict[tuple[int, ...], tuple[int, ...]]:
+    """Each distinct window mapped to a window that begins with it and begins no other window
+    (itself when no other window begins with it).
+
+    In sorted order the windows that begin with ``w`` follow ``w`` directly, so ``w``'s host
+    is the host of the next window when that window begins with ``w``.
+
+    Examples
+    --------
+    >>> hosts = prefix_hosts([(1, 2), (1, 2, 3), (1,), (4,), (1, 5)])
+    >>> hosts[(1,)], hosts[(1, 2)], hosts[(4,)]
+    ((1, 2, 3), (1, 2, 3), (4,))
+    """
+    ordered = sorted(set(windows))
+    hosts: dict[tuple[int, ...], tuple[int, ...]] = {}
+    following: tuple[int, ...] | None = None
+    for window in reversed(ordered):
+        if following is not None and following[:len(window)] == window:
+            hosts[window] = hosts[following]
+        else:
+            hosts[window] = window
+        following = window
+    return hosts

@@ -131,6 +131,7 @@ STAGES: tuple[Stage, ...] = (
             "n_eval_tokens": POSITIVE,
             "n_mcq_choices": Check(low=2, high=10),
             "cloze_option_tokens": POSITIVE,
+            "cloze_blanks_per_entry": NON_NEGATIVE,
             "min_expert_share": Check(low=0, high=1),
             "dtype": Check(choices=DTYPES),
             "device_map": Check(choices=DEVICE_MAPS),

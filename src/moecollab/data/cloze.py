@@ -114,10 +114,11 @@ def cue_words(table: pd.DataFrame, *, min_specificity: float = 0.5,
     return cues.reset_index(drop=True)
 
 
-def _blank(headword: str, definition: str, cues: dict[str, str], field: str,
-           min_context_words: int) -> tuple[str, str] | None:
-    """(context, cue) for the last cue word of ``field`` in the definition, or None."""
+def _blanks(headword: str, definition: str, cues: dict[str, str], field: str,
+            min_context_words: int) -> list[tuple[int, str, str]]:
+    """(position, context, cue) for each cue word of ``field`` in the definition, last first."""
     words = shorten_definition(definition).split(" ")
+    found = []
     for position in range(len(words) - 1, min_context_words - 1, -1):
         raw = words[position]
         word = raw.strip(".,;:()[]\"'!?").casefold()
@@ -125,14 +126,15 @@ def _blank(headword: str, definition: str, cues: dict[str, str], field: str,
         # capital or bracket would change how the option reads after the context).
         if cues.get(word) != field or not raw.startswith(word):
             continue
-        return f"{headword}: " + " ".join(words[:position]), word
-    return None
+        found.append((position, f"{headword}: " + " ".join(words[:position]), word))
+    return found
 
 
 def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("validation", "test"),
                      n_choices: int = 4, min_specificity: float = 0.5, tokenizer=None,
                      max_option_tokens: int = 1, min_context_words: int = 3,
-                     min_count: int = 5, seed: int = 0) -> pd.DataFrame:
+                     min_count: int = 5, blanks_per_entry: int = 0,
+                     seed: int = 0) -> pd.DataFrame:
     """Field cloze items from the entries of ``splits``; cues from the training split.
 
     Parameters
@@ -153,6 +155,11 @@ def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("valida
         Definition words that must come before the blank.
     min_count : int, default 5
         Passed to :func:`field_word_table`.
+    blanks_per_entry : int, default 0
+        Items per entry at most: one per cue word of the entry's field, the last cue first
+        (the most context); 0 for every cue. Items of one entry share their text, so they are
+        not independent: ``entry_id`` names the cluster that paired intervals resample whole
+        (:func:`moecollab.paired.resample_tasks`).
     seed : int, default 0
         Seeds the distractor draw and the answer positions.
 
@@ -161,11 +168,16 @@ def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("valida
     DataFrame
         Columns :data:`CLOZE_COLUMNS`: ``question`` is the context (the entry cut before its
         cue), ``choices`` the option words, ``answer`` the index of the cue, ``term`` the
-        headword. Entries without a cue of their own field after the first
-        ``min_context_words`` words give no item.
+        headword, ``item_id`` ``cloze-<entry_id>-<word position of the blank>``. Entries
+        without a cue of their own field after the first ``min_context_words`` words give no
+        item.
     """
     if isinstance(n_choices, bool) or not isinstance(n_choices, int) or n_choices < 2:
         raise ValueError(f"n_choices must be an int >= 2; got {n_choices!r}")
+    if isinstance(blanks_per_entry, bool) or not isinstance(blanks_per_entry, int) \
+            or blanks_per_entry < 0:
+        raise ValueError(f"blanks_per_entry must be an int >= 0 (0 for every cue); got "
+                         f"{blanks_per_entry!r}")
     if "train" in splits:
         raise ValueError("splits must not include 'train': the model was trained on it")
     cues = cue_words(field_word_table(corpus, min_count=min_count),
@@ -191,11 +203,13 @@ def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("valida
         others = [field for field in pools if field != domain]
         blanks = []
         for entry in entries.sort_values("entry_id").itertuples():
-            found = _blank(entry.headword, entry.definition, field_of, domain, min_context_words)
-            if found is not None:
-                blanks.append((entry, *found))
+            found = _blanks(entry.headword, entry.definition, field_of, domain,
+                            min_context_words)
+            if blanks_per_entry:
+                found = found[:blanks_per_entry]
+            blanks.extend((entry, *blank) for blank in found)
         answers = rng.permutation(np.arange(len(blanks)) % n_choices)
-        for (entry, context, cue), answer in zip(blanks, answers, strict=True):
+        for (entry, position, context, cue), answer in zip(blanks, answers, strict=True):
             choices = []
             for field in rng.choice(others, size=n_choices - 1, replace=False):
                 pool = pools[field]
@@ -203,7 +217,8 @@ def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("valida
                 choices.append(str(pool["word"].iloc[rng.choice(len(pool), p=weights /
                                                                  weights.sum())]))
             choices.insert(int(answer), cue)
-            items.append({"item_id": f"cloze-{entry.entry_id}", "domain": domain,
+            items.append({"item_id": f"cloze-{entry.entry_id}-{position:03d}",
+                          "domain": domain,
                           "split": split, "term": entry.headword, "question": context,
                           "choices": choices, "answer": int(answer),
                           "entry_id": entry.entry_id})
