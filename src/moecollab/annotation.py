@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from . import layout
 from .colours import UNASSIGNED, atom_colours
 
 logger = logging.getLogger(__name__)
@@ -556,18 +557,7 @@ def atom_experts(dictionary: np.ndarray, n_experts: int | Sequence[int],
     dictionary = _as_2d(dictionary, "dictionary")
     if top < 1:
         raise ValueError(f"top must be >= 1; got {top!r}")
-    n_columns = dictionary.shape[1]
-    if isinstance(n_experts, int | np.integer):
-        if n_experts < 1 or n_columns % n_experts:
-            raise ValueError(f"n_experts must divide the {n_columns} dictionary columns; "
-                             f"got {n_experts!r}")
-        per_layer = [int(n_experts)] * (n_columns // int(n_experts))
-    else:
-        per_layer = [int(count) for count in n_experts]
-        if sum(per_layer) != n_columns:
-            raise ValueError(f"n_experts per layer must sum to the {n_columns} dictionary "
-                             f"columns; got {per_layer} (sum {sum(per_layer)})")
-    offsets = np.concatenate([[0], np.cumsum(per_layer)])
+    offsets = layout.column_offsets(n_experts, n_columns=dictionary.shape[1])
     order = np.argsort(-dictionary, axis=1, kind="stable")[:, :top]
     records = []
     for atom, columns in enumerate(order):

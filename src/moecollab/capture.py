@@ -51,6 +51,7 @@ from safetensors.numpy import load_file, save_file
 from scipy import sparse
 from tqdm import tqdm
 
+from moecollab import layout
 from moecollab.artifacts import replace_folder
 from moecollab.moe_arch import MoEArchitecture, find_moe_layers
 
@@ -224,8 +225,7 @@ class RoutingTrace:
     @property
     def column_offsets(self) -> np.ndarray:
         """First column of each MoE layer in :meth:`to_matrix`, int64 of shape (n_moe_layers,)."""
-        counts = np.asarray(self.n_experts_per_layer, dtype=np.int64)
-        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        return layout.column_offsets(list(self.n_experts_per_layer))[:-1]
 
     @property
     def n_columns(self) -> int:

@@ -38,7 +38,7 @@ from scipy import sparse
 from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
-from moecollab import routing_health
+from moecollab import layout, routing_health
 from moecollab.triplet_counts import triplet_census
 
 if TYPE_CHECKING:  # only for annotations: capture imports torch
@@ -77,45 +77,6 @@ _TRIPLET_CHUNK_CODES = 2**23
 # --------------------------------------------------------------------------------------------
 # Building and checking the selection matrix
 # --------------------------------------------------------------------------------------------
-
-
-def _column_offsets(n_experts: int | Sequence[int], n_layers: int) -> np.ndarray:
-    """First column of every layer, int64 of shape (n_layers + 1,) (the last is n_columns)."""
-    if isinstance(n_experts, int | np.integer):
-        if n_experts < 1:
-            raise ValueError(f"n_experts must be a positive int; got {n_experts!r}")
-        counts = np.full(n_layers, int(n_experts), dtype=np.int64)
-    else:
-        counts = np.asarray(n_experts, dtype=np.int64)
-        if counts.ndim != 1 or len(counts) != n_layers or (counts < 1).any():
-            raise ValueError(
-                f"n_experts must be a positive int or one positive count per layer ({n_layers}); "
-                f"got {list(counts.ravel())!r}"
-            )
-    return np.concatenate([[0], np.cumsum(counts)])
-
-
-def _column_layout(
-    n_experts: int | Sequence[int], n_columns: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Layer and within-layer expert index of every column, each int64 of shape (n_columns,)."""
-    if isinstance(n_experts, int | np.integer):
-        if n_experts < 1 or n_columns % int(n_experts):
-            raise ValueError(
-                f"n_experts must be a positive divisor of the number of columns ({n_columns}); "
-                f"got {n_experts!r}"
-            )
-        columns = np.arange(n_columns, dtype=np.int64)
-        return columns // int(n_experts), columns % int(n_experts)
-    counts = np.asarray(n_experts, dtype=np.int64)
-    if counts.ndim != 1 or (counts < 1).any() or counts.sum() != n_columns:
-        raise ValueError(
-            f"n_experts must be an int or per-layer counts summing to the number of columns "
-            f"({n_columns}); got {list(counts.ravel())!r}"
-        )
-    layer = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return layer, np.arange(n_columns, dtype=np.int64) - offsets[layer]
 
 
 def _as_selection(selected: Any) -> sparse.csr_array:
@@ -170,7 +131,7 @@ def selection_matrix(
             f"expert_ids must have shape (n_tokens, n_layers, top_k); got shape {expert_ids.shape}"
         )
     n_tokens, n_layers, top_k = expert_ids.shape
-    offsets = _column_offsets(n_experts, n_layers)
+    offsets = layout.column_offsets(n_experts, n_layers=n_layers)
     sizes = np.diff(offsets)
     if n_tokens and ((expert_ids < 0).any() or (expert_ids >= sizes[None, :, None]).any()):
         raise ValueError(
@@ -386,7 +347,7 @@ def adjacent_layer_lift(selected: Any, n_experts: int | Sequence[int], layer: in
     [[0.0, 1.333], [2.0, 0.667]]
     """
     matrix = _as_selection(selected)
-    layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+    layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
     n_layers = int(layer_of[-1]) + 1
     if not isinstance(layer, int | np.integer) or not 0 <= layer < n_layers - 1:
         raise ValueError(f"layer must be an int in [0, {n_layers - 2}]; got {layer!r}")
@@ -454,7 +415,7 @@ def shuffled_selection(
         raise ValueError("n_experts is required unless a RoutingTrace is given; got None")
     if sparse.issparse(trace_or_expert_ids) or np.ndim(trace_or_expert_ids) == 2:
         matrix = _as_selection(trace_or_expert_ids)
-        layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+        layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
         n_tokens = matrix.shape[0]
         blocks = []
         for layer in range(int(layer_of[-1]) + 1):
@@ -544,7 +505,7 @@ def pair_ranking(
     if cross_layer_only:
         if n_experts is None:
             raise ValueError("n_experts is required with cross_layer_only=True; got None")
-        layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+        layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
     rows, cols, pair_counts = _ranked_pairs(_counts(matrix), layer_of, cross_layer_only,
                                             min_count)
     return list(zip(rows.tolist(), cols.tolist(), strict=True)), pair_counts
@@ -594,7 +555,7 @@ def top_pairs(
     if n is not None and (not isinstance(n, int | np.integer) or n < 1):
         raise ValueError(f"n must be a positive int or None; got {n!r}")
     matrix = _as_selection(selected)
-    layer_of, expert_of = _column_layout(n_experts, matrix.shape[1])
+    layer_of, expert_of = layout.column_layout(n_experts, matrix.shape[1])
     counts = _counts(matrix)
     rows, cols, pair_counts = _ranked_pairs(counts, layer_of, cross_layer_only, min_count)
     rows, cols, pair_counts = rows[:n], cols[:n], pair_counts[:n]
@@ -764,7 +725,7 @@ def _ranked_triplets(
     if cross_layer_only:
         if n_experts is None:
             raise ValueError("n_experts is required with cross_layer_only=True; got None")
-        layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+        layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
     min_expert_count = math.ceil(min_expert_frequency * matrix.shape[0])
     triplets, counts = _count_triplets(
         matrix, layer_of, cross_layer_only=cross_layer_only, min_expert_count=min_expert_count
@@ -888,7 +849,7 @@ def top_triplets(
                                 min_count=min_count, min_expert_frequency=min_expert_frequency,
                                 n_top=int(n), n_jobs=n_jobs)
         triplets, counts = census.top_triplets, census.top_counts
-    layer_of, expert_of = _column_layout(n_experts, matrix.shape[1])
+    layer_of, expert_of = layout.column_layout(n_experts, matrix.shape[1])
     triplets, counts = triplets[:n], counts[:n]
     own = np.asarray(matrix.sum(axis=0)).ravel().astype(float)
     n_tokens = matrix.shape[0]
@@ -932,7 +893,7 @@ def cross_layer_lift_values(selected: Any, n_experts: int | Sequence[int]) -> np
     [0.0, 1.333, 2.0, 0.667]
     """
     matrix = _as_selection(selected)
-    layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+    layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
     lift = _lift_from_counts(_counts(matrix), matrix.shape[0])
     rows, cols = np.triu_indices(matrix.shape[1], k=1)
     values = lift[rows, cols][layer_of[rows] != layer_of[cols]]

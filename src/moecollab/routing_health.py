@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from moecollab import layout
+
 
 def expert_counts(expert_ids: np.ndarray, n_experts: int) -> np.ndarray:
     """Selections per expert in each layer, shape ``(n_layers, n_experts)``.
@@ -25,7 +27,7 @@ def expert_counts(expert_ids: np.ndarray, n_experts: int) -> np.ndarray:
     """
     n_layers = expert_ids.shape[1]
     flat = expert_ids.transpose(1, 0, 2).reshape(n_layers, -1).astype(np.int64)
-    offsets = (np.arange(n_layers) * n_experts)[:, None]
+    offsets = layout.column_offsets(n_experts, n_layers=n_layers)[:-1, None]
     counts = np.bincount((flat + offsets).ravel(), minlength=n_layers * n_experts)
     return counts.reshape(n_layers, n_experts)
 

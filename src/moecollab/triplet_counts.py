@@ -431,9 +431,9 @@ def triplet_census(
     """
     from moecollab.coactivation import (  # here: coactivation imports this module
         _check_min_count,
-        _column_layout,
         _selection_from_any,
     )
+    from moecollab.layout import column_layout
 
     _check_min_count(min_count)
     if not 0 <= min_expert_frequency <= 1:
@@ -448,7 +448,7 @@ def triplet_census(
     if cross_layer_only:
         if n_experts is None:
             raise ValueError("n_experts is required with cross_layer_only=True; got None")
-        layer_of, _ = _column_layout(n_experts, matrix.shape[1])
+        layer_of, _ = column_layout(n_experts, matrix.shape[1])
     if matrix.shape[0] >= 2**31:
         raise ValueError(f"selected must have fewer than 2**31 tokens; got {matrix.shape[0]}")
     min_expert_count = math.ceil(min_expert_frequency * matrix.shape[0])
