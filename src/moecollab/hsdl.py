@@ -12,7 +12,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from moecollab.hsdl_coverage import (
     ranked_coactivation_pairs,
     ranked_coactivation_triplets,
 )
+from moecollab.models import resolve_device
 
 __all__ = [
     "HSDL",
@@ -62,7 +62,6 @@ _INIT_MAX_SAMPLES = 8192
 _EVAL_BATCH = 4096
 # An atom is "active" when it holds at least this share of its level's total usage.
 _ACTIVE_USAGE_RATIO = 1e-3
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 ArrayLike = Any  # ndarray, torch.Tensor or scipy sparse matrix/array
 
@@ -124,18 +123,6 @@ def check_activation_matrix(X: ArrayLike, *, name: str = "X") -> np.ndarray | sp
     if values.size and values.min() < 0:
         raise ValueError(f"{name} must be non-negative; got minimum {float(values.min())!r}")
     return X
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available")
-    return torch.device(device)
 
 
 def _iter_dense_rows(
@@ -520,7 +507,7 @@ class HSDL(BaseEstimator):
         if self.distributed not in (True, False, "auto"):
             raise ValueError(
                 f"distributed must be True, False or 'auto'; got {self.distributed!r}")
-        return _resolve_device(self.device)
+        return resolve_device(self.device)
 
     # ---- initialisation ---------------------------------------------------------------------
 

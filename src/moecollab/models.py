@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,18 +28,32 @@ DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32,
                           "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate).
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
 #: The file stage 00 writes when it loads a pretrained checkpoint instead of training one.
 MODEL_REF = "model_ref.json"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a
+    ``torch.device`` as given; asking for CUDA without a GPU is an error.
+
+    The one device rule of the package (models, training, HSDL, evaluation).
+
+    Examples
+    --------
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got "
+                         f"{device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for, but no CUDA device is available")
     return torch.device(device)
 
 
