@@ -505,12 +505,16 @@ def test_check_backend_names_what_to_install(monkeypatch):
     assert "\n" not in str(error.value)
 
 
-def test_hub_offline_reads_both_switches(monkeypatch):
+def test_dataset_downloads_read_both_switches_and_model_downloads_one(monkeypatch):
+    from moecollab.preflight import model_downloads_offline
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    assert not evaluation.hub_offline()
+    assert not evaluation.downloads_offline() and not model_downloads_offline()
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert evaluation.hub_offline()
+    assert evaluation.downloads_offline() and not model_downloads_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "yes")
+    assert model_downloads_offline()
 
 
 def test_paper_tasks_offline_fail_early_in_one_line(tmp_path):

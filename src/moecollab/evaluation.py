@@ -65,7 +65,7 @@ __all__ = [
     "evaluate_masks",
     "evaluate_masks_in_workers",
     "exported_checkpoints",
-    "hub_offline",
+    "downloads_offline",
     "item_table",
     "mask_key",
     "relative_drop",
@@ -545,8 +545,10 @@ def standard_tasks_of(tasks: Sequence[str]) -> list[str]:
     return standard_task_names([name for name in tasks if name != LOCAL_TASKS])
 
 
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (to 1, ON, YES or TRUE)."""
+def downloads_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (to 1, ON, YES or TRUE):
+    a standard task's dataset cannot be downloaded. (Whether a *model* can be is
+    :func:`moecollab.preflight.model_downloads_offline`, which reads ``HF_HUB_OFFLINE`` only.)"""
     return any(env_flag(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
@@ -575,12 +577,12 @@ def check_standard_tasks(names: Sequence[str], *, cache_dir: str | os.PathLike |
     cache_dir : path, optional
         As in :func:`evaluate`.
     offline : bool, optional
-        Default: :func:`hub_offline`.
+        Default: :func:`downloads_offline`.
     """
     names = list(names)
     if not names:
         return
-    offline = hub_offline() if offline is None else offline
+    offline = downloads_offline() if offline is None else offline
     with _hf_environment(cache_dir, offline=offline):
         from lm_eval.tasks import TaskManager
 

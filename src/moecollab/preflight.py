@@ -203,8 +203,9 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is on: no model can be downloaded."""
+def model_downloads_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is on: no model can be downloaded. (Datasets also stop at
+    ``HF_DATASETS_OFFLINE``: :func:`moecollab.evaluation.downloads_offline`.)"""
     return env_flag("HF_HUB_OFFLINE")
 
 
@@ -221,7 +222,7 @@ def check_hub_reachable(name: str) -> Path | None:
         cached = None
     if isinstance(cached, str):
         return Path(cached)
-    if hub_offline():
+    if model_downloads_offline():
         raise ParameterError(
             f"model {name!r} is not a folder here and the hub is offline (HF_HUB_OFFLINE=1); "
             "give a local checkpoint folder, or set HF_HUB_OFFLINE=0 to download a hub id")
