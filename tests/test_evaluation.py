@@ -506,13 +506,13 @@ def test_check_backend_names_what_to_install(monkeypatch):
 
 
 def test_dataset_downloads_read_both_switches_and_model_downloads_one(monkeypatch):
-    from moecollab.preflight import model_downloads_offline
+    from moecollab.preflight import dataset_downloads_offline, model_downloads_offline
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    assert not evaluation.downloads_offline() and not model_downloads_offline()
+    assert not dataset_downloads_offline() and not model_downloads_offline()
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert evaluation.downloads_offline() and not model_downloads_offline()
+    assert dataset_downloads_offline() and not model_downloads_offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "yes")
     assert model_downloads_offline()
 

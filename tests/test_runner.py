@@ -217,3 +217,13 @@ def test_the_source_hash_follows_only_the_modules_a_notebook_imports(tmp_path):
     assert runner.source_hash(tmp_path, notebook) == before
     (package / "helper.py").write_text("thing = 2\n")  # imported by an imported module
     assert runner.source_hash(tmp_path, notebook) != before
+
+
+def test_sample_level_codes_are_refused_at_plan_time_only_when_annotation_runs():
+    # The real stages: stage 04 reads token-level codes, so a sample-level stage 03 is refused
+    # before anything runs, unless stage 04 is not part of the run.
+    with pytest.raises(params.ParameterError, match="'level' of stage 03_hsdl: 'sample'"):
+        runner.make_plan("smoke", overrides=["03_hsdl.level=sample"])
+    assert runner.make_plan("smoke", overrides=["03_hsdl.level=sample"], only="03_hsdl")
+    with pytest.raises(params.ParameterError, match="needs token-level codes"):
+        runner.make_plan("smoke", overrides=["03_hsdl.level=sample"], from_stage="02_coactivation")

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from moecollab.artifacts import atomic_path, file_sha256, read_json, text_sha256, write_json
-from moecollab.preflight import env_flag
+from moecollab.preflight import dataset_downloads_offline, env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ __all__ = [
     "evaluate_masks",
     "evaluate_masks_in_workers",
     "exported_checkpoints",
-    "downloads_offline",
     "item_table",
     "mask_key",
     "relative_drop",
@@ -545,13 +544,6 @@ def standard_tasks_of(tasks: Sequence[str]) -> list[str]:
     return standard_task_names([name for name in tasks if name != LOCAL_TASKS])
 
 
-def downloads_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (to 1, ON, YES or TRUE):
-    a standard task's dataset cannot be downloaded. (Whether a *model* can be is
-    :func:`moecollab.preflight.model_downloads_offline`, which reads ``HF_HUB_OFFLINE`` only.)"""
-    return any(env_flag(name) for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def check_backend(backend: str) -> str:
     """``backend`` if lm-eval can run it here; one clear line otherwise (vLLM not installed)."""
     if backend not in BACKENDS:
@@ -577,12 +569,12 @@ def check_standard_tasks(names: Sequence[str], *, cache_dir: str | os.PathLike |
     cache_dir : path, optional
         As in :func:`evaluate`.
     offline : bool, optional
-        Default: :func:`downloads_offline`.
+        Default: :func:`moecollab.preflight.dataset_downloads_offline`.
     """
     names = list(names)
     if not names:
         return
-    offline = downloads_offline() if offline is None else offline
+    offline = dataset_downloads_offline() if offline is None else offline
     with _hf_environment(cache_dir, offline=offline):
         from lm_eval.tasks import TaskManager
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from .params import ParameterError
 
 
 def check_plan(parameters: dict[str, dict[str, Any]],
-               cache_dir: str | os.PathLike | None = None) -> None:
+               cache_dir: str | os.PathLike | None = None,
+               stages: Sequence[str] | None = None) -> None:
     """Check a resolved plan (stage name → parameter values) across stages.
 
     ``cache_dir`` is the profile's cache (``artifacts/<profile>/cache``), where the paper's
-    datasets are kept once prepared (see :func:`check_data_sources`).
+    datasets are kept once prepared (see :func:`check_data_sources`). ``stages`` are the
+    stages that will run (default: all); a stage that reads another's output is checked
+    against that stage's parameters only when it runs.
 
     Examples
     --------
@@ -58,6 +62,12 @@ def check_plan(parameters: dict[str, dict[str, Any]],
 
 
     check_data_sources(parameters, cache_dir)
+    running = set(parameters if stages is None else stages)
+    if "04_annotation" in running and parameters.get("03_hsdl", {}).get("level") == "sample":
+        raise ParameterError(
+            "parameter 'level' of stage 03_hsdl: 'sample' fits one row per sequence, and stage "
+            "04_annotation needs token-level codes; use level token, or run stages up to "
+            "03_hsdl only (--only 03_hsdl)")
     evaluation = parameters.get("06_evaluation", {})
     if evaluation.get("backend") == "vllm" and not parameters.get("05_pruning", {}).get("export"):
         raise ParameterError(
@@ -104,7 +114,7 @@ field of the embedded corpus; with data_source 'paper' the fields are mathematic
                 f"parameter 'domains' of stage 01_capture: {', '.join(foreign)} "
                 f"{'is' if len(foreign) == 1 else 'are'} not {where}; with data_source "
                 f"{other[0]!r} the fields are {', '.join(other[1])}")
-    offline = env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE")
+    offline = dataset_downloads_offline()
     for stage, needed in PAPER_DATASETS.items():
         values = parameters.get(stage, {})
         if values.get("data_source") != "paper":
@@ -205,8 +215,14 @@ def env_flag(name: str) -> bool:
 
 def model_downloads_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` is on: no model can be downloaded. (Datasets also stop at
-    ``HF_DATASETS_OFFLINE``: :func:`moecollab.evaluation.downloads_offline`.)"""
+    ``HF_DATASETS_OFFLINE``: :func:`dataset_downloads_offline`.)"""
     return env_flag("HF_HUB_OFFLINE")
+
+
+def dataset_downloads_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is on: no dataset (a standard
+    task's or the paper's) can be downloaded."""
+    return env_flag("HF_HUB_OFFLINE") or env_flag("HF_DATASETS_OFFLINE")
 
 
 def check_hub_reachable(name: str) -> Path | None:

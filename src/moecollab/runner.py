@@ -129,13 +129,14 @@ def make_plan(profile: str = "default", overrides: list[str] | None = None,
     declared = {stage.name: stage_parameters(stage, root) for stage in STAGES}
     parameters = resolve(settings, [parse_override(text) for text in overrides or []], declared)
     artifacts_root = artifacts_root or root / "artifacts"
-    preflight.check_plan(parameters, cache_dir=artifacts_root / profile_name(profile) / "cache")
     if only:
         selected = [stage for stage in STAGES if stage.name == only]
     elif from_stage:
         selected = list(STAGES[STAGE_NAMES.index(from_stage):])
     else:
         selected = list(STAGES)
+    preflight.check_plan(parameters, cache_dir=artifacts_root / profile_name(profile) / "cache",
+                         stages=[stage.name for stage in selected])
     return Plan(root=root, profile=profile_name(profile), parameters=parameters,
                 stages=selected, artifacts_root=artifacts_root,
                 force=force)
