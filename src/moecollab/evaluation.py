@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from moecollab.artifacts import atomic_path, file_sha256, read_json, text_sha256, write_json
-from moecollab.preflight import dataset_downloads_offline, env_flag
+from moecollab.preflight import dataset_downloads_offline
 
 logger = logging.getLogger(__name__)
 
