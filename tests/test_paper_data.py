@@ -195,6 +195,17 @@ def test_embedded_evaluation_items_come_by_family(tmp_path, paper_dir):
     assert all(len(field) == 2 for field in texts.values())
     both, _ = sources.evaluation_data("embedded", families=["mcq", "cloze"], **files)
     assert both["family"].tolist() == ["mcq", "cloze"]
+    # Word cloze items are made from the field cloze file, options drawn within the field.
+    law = pd.DataFrame({"item_id": [f"c{i}" for i in range(4)], "domain": "law",
+                        "split": "held_out", "question": "Tort",
+                        "choices": [[w, "x", "y", "z"] for w in ("writ", "jury", "bail", "tort")],
+                        "answer": 0})
+    law.to_parquet(tmp_path / "law.parquet")
+    word, _ = sources.evaluation_data("embedded", families=["word"], mcq_items=None,
+                                      cloze_items=tmp_path / "law.parquet",
+                                      n_perplexity_entries=2)
+    assert word["family"].unique().tolist() == ["word"]
+    assert all(sorted(choices) == ["bail", "jury", "tort", "writ"] for choices in word["choices"])
     with pytest.raises(ValueError, match="unknown item families"):
         sources.evaluation_data("embedded", families=["gap"], **files)
     with pytest.raises(ValueError, match="needs its items file"):

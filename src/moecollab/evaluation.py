@@ -98,11 +98,12 @@ BACKENDS: tuple[str, ...] = ("hf", "vllm")
 
 MCQ_PROMPT = "{{question}}\nAnswer:"
 #: ``doc_to_text`` per item family: a Jinja template, or a feature name lm-eval reads as is.
-MCQ_PROMPTS = {"mcq": MCQ_PROMPT, "cloze": "question"}
+MCQ_PROMPTS = {"mcq": MCQ_PROMPT, "cloze": "question", "word": "question"}
 #: The accuracy each item family is judged by: ``acc_norm`` for term-to-definition items (as
 #: the paper reads its tasks), ``acc`` for cloze items, whose options are single tokens that a
-#: per-byte normalisation would only rank by length.
-ACCURACY_METRICS = {"mcq": "acc_norm", "cloze": "acc"}
+#: per-byte normalisation would only rank by length (field cloze, and word cloze:
+#: :mod:`moecollab.data.word_cloze`).
+ACCURACY_METRICS = {"mcq": "acc_norm", "cloze": "acc", "word": "acc"}
 # Bumped whenever the layout of a cache entry changes (2: per-document samples).
 CACHE_FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -194,10 +195,11 @@ def write_mcq_tasks(
     splits : sequence of str, default ("train", "test")
         Splits to write; ``train`` items ask about headwords the model was trained on (recall),
         ``test`` items about held-out headwords.
-    family : {"mcq", "cloze"}, default "mcq"
+    family : {"mcq", "cloze", "word"}, default "mcq"
         ``mcq``: a question answered after ``"\\nAnswer:"``. ``cloze``
-        (:func:`moecollab.data.make_cloze_items`): the question is an unfinished text that each
-        choice continues directly. The family is the second part of every name.
+        (:func:`moecollab.data.make_cloze_items`) and ``word``
+        (:func:`moecollab.data.word_cloze.make_word_cloze_items`): the question is an unfinished
+        text that each choice continues directly. The family is the second part of every name.
 
     Returns
     -------

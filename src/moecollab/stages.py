@@ -213,7 +213,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("00_model", "05_pruning"),
         checks={
             "limit": NON_NEGATIVE,
-            "item_families": Check(choices=("mcq", "cloze"), each=True),
+            "item_families": Check(choices=("mcq", "cloze", "word"), each=True),
             "n_workers": POSITIVE,
             "mcq_splits": Check(choices=("train", "validation", "test"), each=True),
             "n_perplexity_entries": POSITIVE,

@@ -23,11 +23,14 @@ import pandas as pd
 
 from . import paper
 from .corpus import load_corpus
+from .word_cloze import make_word_cloze_items
 
 DATA_SOURCES = ("embedded", "paper")
 #: Kinds of multiple-choice items (stage 06's ``item_families``): ``mcq`` asks for a term's
-#: definition, ``cloze`` for the word that finishes a held-out definition in its field.
-ITEM_FAMILIES = ("mcq", "cloze")
+#: definition, ``cloze`` for the word that finishes a held-out definition in its field (options
+#: from other fields), ``word`` for that word among words of the same field
+#: (:mod:`moecollab.data.word_cloze`, made here from the ``cloze`` items).
+ITEM_FAMILIES = ("mcq", "cloze", "word")
 #: Corpus splits named by stage 01's ``split`` parameter beyond the three real ones.
 SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": ("train", "validation", "test")}
 
@@ -81,10 +84,11 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
                     ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Stage 06's multiple-choice items and, per field, the texts whose perplexity it measures.
 
-    ``embedded``: the items stage 00 made, of each family in ``families``: ``mcq`` (term to
-    definition, the Parquet file ``mcq_items``) and ``cloze`` (field cloze, ``cloze_items``),
-    and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as ``mcq`` items
-    (split ``test``) and, with their options, as texts. Items carry a ``family`` column.
+    ``embedded``: the items of each family in ``families``: ``mcq`` (term to definition, the
+    Parquet file ``mcq_items`` stage 00 wrote), ``cloze`` (field cloze, ``cloze_items``) and
+    ``word`` (word cloze, made from ``cloze_items`` with options of the same field, seeded by
+    ``seed``), and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as
+    ``mcq`` items (split ``test``) and, with their options, as texts. Items carry a ``family`` column.
     """
     _check(data_source)
     if isinstance(families, str) or not families:
@@ -99,13 +103,18 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
         mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=_required(cache_dir))
         return (paper.evaluation_items(mmlu_pro).assign(family="mcq"),
                 paper.evaluation_texts(mmlu_pro, n_perplexity_entries, seed=seed))
-    files = {"mcq": mcq_items, "cloze": cloze_items}
+    files = {"mcq": mcq_items, "cloze": cloze_items, "word": cloze_items}
     tables = []
     for family in families:
         if files[family] is None:
+            source = "cloze" if family == "word" else family
             raise ValueError(f"item family {family!r} needs its items file (stage 00 writes "
-                             f"{family}_items.parquet)")
-        tables.append(pd.read_parquet(files[family]).assign(family=family))
+                             f"{source}_items.parquet)")
+        table = pd.read_parquet(files[family])
+        if family == "word":
+            n_choices = int(table["choices"].map(len).max())
+            table = make_word_cloze_items(table, n_choices=n_choices, seed=seed)
+        tables.append(table.assign(family=family))
     items = pd.concat(tables, ignore_index=True)
     corpus = load_corpus()
     held_out = corpus[corpus["split"] == "test"].sample(frac=1.0, random_state=seed)
