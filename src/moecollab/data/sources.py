@@ -88,7 +88,8 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
     Parquet file ``mcq_items`` stage 00 wrote), ``cloze`` (field cloze, ``cloze_items``) and
     ``word`` (word cloze, made from ``cloze_items`` with options of the same field, seeded by
     ``seed``), and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as
-    ``mcq`` items (split ``test``) and, with their options, as texts. Items carry a ``family`` column.
+    ``mcq`` items (split ``test``) and, with their options, as texts. Items carry a ``family``
+    column.
     """
     _check(data_source)
     if isinstance(families, str) or not families:
