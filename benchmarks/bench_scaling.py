@@ -189,6 +189,12 @@ def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
     return float(np.log(seconds[-1] / seconds[-2]) / np.log(sizes[-1] / sizes[-2]))
 
 
+def speedup(old: float, new: float) -> str:
+    """Old time over new, to one decimal below 10 (a slowdown must not round to 1)."""
+    ratio = old / max(new, 1e-9)
+    return f"{ratio:.1f}" if ratio < 10 else f"{ratio:.0f}"
+
+
 def human(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.1f} s"
@@ -333,7 +339,7 @@ def main() -> None:
     if args.record:
         record_rows = [{"measure": f"{label}: time at 604k tokens",
                         "value": human(seconds) if old is None else
-                        f"{human(seconds)} (old {human(old)}, x{old / max(seconds, 1e-9):.0f})",
+                        f"{human(seconds)} (old {human(old)}, x{speedup(old, seconds)})",
                         "target": "<= 10 min on 2 cores" if "triplets" in label or (
                             "all" in label and "60 epochs" in label and "threads" in label)
                         else ""} for label, seconds, old in results]
