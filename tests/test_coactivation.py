@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from scipy import sparse  # noqa: E402
 
-from moecollab import coactivation, hsdl_coverage, plotting  # noqa: E402
+from moecollab import coactivation, plotting  # noqa: E402
 
 
 def random_routing(n_tokens: int, n_layers: int, n_experts: int, top_k: int,
@@ -157,9 +157,6 @@ def test_pair_ranking_and_top_pairs_agree_with_the_counts():
     assert all(a < b for a, b in pairs)
     assert [counts[a, b] for a, b in pairs] == pair_counts.tolist()
     assert (np.diff(pair_counts) <= 0).all()
-    # Same format and order as the coverage module's helper (see its docstring).
-    their_pairs, their_counts = hsdl_coverage.ranked_coactivation_pairs(selected)
-    assert pairs == their_pairs and pair_counts.tolist() == their_counts.tolist()
     table = coactivation.top_pairs(selected, None, n_experts=4, min_count=2)
     assert (table["layer_a"] != table["layer_b"]).all()
     assert table["count"].min() >= 2
@@ -242,8 +239,6 @@ def test_triplet_counts_equal_brute_force(cross_layer_only):
                                                     cross_layer_only=cross_layer_only)
     assert dict(zip(triplets, counts.tolist(), strict=True)) == dict(expected)
     assert triplets == sorted(expected, key=lambda t: (-expected[t], t))
-    if not cross_layer_only:
-        assert triplets == hsdl_coverage.ranked_coactivation_triplets(selected)[0]
 
 
 def test_triplet_counting_paths_agree_on_ragged_rows():

@@ -7,14 +7,13 @@ import torch
 from scipy import sparse
 from sklearn.base import clone
 
+from moecollab.coactivation import pair_ranking, triplet_ranking
 from moecollab.hsdl import (
     HSDL,
     atom_top_experts,
     coverage_at,
     fit_flat_baseline,
     hsdl_loss,
-    ranked_coactivation_pairs,
-    ranked_coactivation_triplets,
 )
 from moecollab.synthetic import make_planted_hierarchy, match_patterns
 
@@ -288,7 +287,7 @@ def test_coverage_by_hand():
             [1, 0, 0, 1],
         ]
     )
-    pairs, counts = ranked_coactivation_pairs(selected)
+    pairs, counts = pair_ranking(selected)
     # (0,1): 4, (2,3): 2, then ties of 1 in index order: (0,2), (0,3), (1,2)
     assert pairs == [(0, 1), (2, 3), (0, 2), (0, 3), (1, 2)]
     assert counts.tolist() == [4, 2, 1, 1, 1]
@@ -298,7 +297,7 @@ def test_coverage_by_hand():
     # top 40% = 2 pairs: atoms 1 and 2
     assert coverage_at(top_pairs, pairs, 0.4) == pytest.approx(2 / 3)
     assert coverage_at(top_pairs, pairs, 1.0) == pytest.approx(1.0)
-    triplets, triplet_counts = ranked_coactivation_triplets(selected)
+    triplets, triplet_counts = triplet_ranking(selected)
     assert triplets == [(0, 1, 2)] and triplet_counts.tolist() == [1]
     assert coverage_at(atom_top_experts(dictionary, n=3), triplets, 1.0) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="top_fraction"):
@@ -308,7 +307,7 @@ def test_coverage_by_hand():
 def test_pair_ranking_matches_a_plain_loop():
     rng = np.random.default_rng(0)
     selected = (rng.random((200, 12)) < 0.25).astype(np.int8)
-    pairs, counts = ranked_coactivation_pairs(sparse.csr_matrix(selected))
+    pairs, counts = pair_ranking(sparse.csr_matrix(selected))
     for (a, b), count in zip(pairs, counts, strict=True):
         assert count == int((selected[:, a] & selected[:, b]).sum())
     assert list(counts) == sorted(counts, reverse=True)

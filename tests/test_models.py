@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_models import save_tiny_checkpoint
+from tiny_models import FAMILIES, save_tiny_checkpoint, tiny_model
 
 from moecollab import artifacts, models
 
@@ -104,3 +104,18 @@ def test_the_plan_checks_offer_exactly_the_loaders_choices():
 
     assert set(stages.DTYPES) == set(models.DTYPES)
     assert set(stages.DEVICE_MAPS) == {"", *models.DEVICE_MAPS}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_count_parameters_of_every_family(family):
+    model = tiny_model(family)
+    counts = models.count_parameters(model)
+    # The per-expert rule agrees with the parameter names where the family's names are plain.
+    by_name = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    assert counts["experts"] == by_name > 0
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    config = model.config
+    n_experts = getattr(config, "num_experts", None) or config.num_local_experts
+    assert counts["active_per_token"] == \
+        counts["total"] - by_name + by_name * config.num_experts_per_tok // n_experts
+

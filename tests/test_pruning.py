@@ -12,6 +12,7 @@ import torch
 from tiny_models import FAMILIES, N_EXPERTS, N_LAYERS, TOP_K, padded_batch, tiny_model
 from transformers import AutoModelForCausalLM
 
+from moecollab import models
 from moecollab.capture import capture_routing
 from moecollab.moe_arch import find_moe_layers
 from moecollab.pruning import (
@@ -440,6 +441,13 @@ def test_mask_equals_removal_and_counts_parameters(family, batch):
     assert counts["total_before"] == before
     assert n_parameters(removed) == counts["total_after"] == before - counts["removed"]
     assert n_parameters(masked) == before
+    # models.count_parameters reads the same per-expert rule: on the removed model its routed
+    # experts are exactly what pruning kept, less the router rows pruning counts beside them.
+    kept = models.count_parameters(removed)
+    assert kept["total"] == counts["total_after"]
+    router_rows = sum(layer.parameters_per_expert()[1] * layer.n_experts
+                      for layer in find_moe_layers(removed).moe_layers)
+    assert kept["experts"] == counts["experts_after"] - router_rows
     architecture = find_moe_layers(removed)
     assert architecture.n_experts_per_layer == [6, 4, 6]
     for layer in architecture.moe_layers:

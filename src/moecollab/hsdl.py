@@ -30,8 +30,6 @@ from tqdm import tqdm
 from moecollab.hsdl_coverage import (
     atom_top_experts,
     coverage_at,
-    ranked_coactivation_pairs,
-    ranked_coactivation_triplets,
 )
 from moecollab.models import resolve_device
 
@@ -46,8 +44,6 @@ __all__ = [
     "fit_flat_baseline",
     "hsdl_loss",
     "mean_l1_error",
-    "ranked_coactivation_pairs",
-    "ranked_coactivation_triplets",
 ]
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moecollab.coactivation import pair_ranking, triplet_ranking
 from moecollab.triplet_counts import TripletCensus
 
 __all__ = [
@@ -21,8 +20,6 @@ __all__ = [
     "coverage_at",
     "coverage_curve",
     "random_expert_sets",
-    "ranked_coactivation_pairs",
-    "ranked_coactivation_triplets",
 ]
 
 
@@ -69,7 +66,8 @@ def coverage_at(
     atoms_top_sets : sequence of tuples of int, length n_atoms
         Each atom's strongest experts (from `atom_top_experts`).
     ranked_sets : sequence of tuples of int
-        Expert pairs (or triplets), most frequent first (from `ranked_coactivation_pairs`).
+        Expert pairs (or triplets), most frequent first (from
+        :func:`moecollab.coactivation.pair_ranking` or ``triplet_ranking``).
     top_fraction : float in (0, 1]
         The top ``ceil(top_fraction * len(ranked_sets))`` entries count.
 
@@ -92,24 +90,6 @@ def coverage_at(
     top = {tuple(sorted(s)) for s in ranked_sets[:n_top]}
     hits = sum(tuple(sorted(s)) in top for s in atoms_top_sets)
     return hits / len(atoms_top_sets)
-
-
-def ranked_coactivation_pairs(selected) -> tuple[list[tuple[int, int]], np.ndarray]:
-    """Expert pairs that fire on the same token, most frequent first (ties by ids ascending).
-
-    The ranking that coverage is measured against; see
-    :func:`moecollab.coactivation.pair_ranking`, which this calls.
-    """
-    return pair_ranking(selected)
-
-
-def ranked_coactivation_triplets(selected, **options) -> tuple[list[tuple[int, int, int]],
-                                                               np.ndarray]:
-    """Expert triplets that fire on the same token, most frequent first (ties by ids ascending).
-
-    See :func:`moecollab.coactivation.triplet_ranking`, which this calls with ``options``.
-    """
-    return triplet_ranking(selected, **options)
 
 
 def coverage_curve(atoms_top_sets: Sequence[Sequence[int]],

@@ -315,12 +315,21 @@ def release_memory() -> None:
 
 
 def count_parameters(model) -> dict[str, int]:
-    """Total parameters, parameters in routed experts, and parameters active per token."""
-    config = model.config
+    """Total parameters, parameters in routed experts, and parameters active per token.
+
+    Routed-expert parameters are counted per MoE layer by
+    :meth:`moecollab.moe_arch.MoELayer.parameters_per_expert` (the rule pruning counts by),
+    so every supported family is counted the same way; a token uses ``top_k`` of each layer's
+    experts and every other parameter (attention, embeddings, routers, shared experts).
+    """
+    from .moe_arch import find_moe_layers
+
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
-    n_experts = getattr(config, "num_experts", None) or config.num_local_experts
-    active = total - expert + expert * config.num_experts_per_tok // n_experts
+    layers = find_moe_layers(model).moe_layers
+    per_expert = [layer.parameters_per_expert()[0] for layer in layers]
+    expert = sum(size * layer.n_experts for size, layer in zip(per_expert, layers, strict=True))
+    active = total - expert + sum(size * layer.top_k
+                                  for size, layer in zip(per_expert, layers, strict=True))
     return {"total": total, "experts": expert, "active_per_token": active}
 
 

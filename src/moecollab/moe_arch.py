@@ -209,6 +209,23 @@ class MoELayer:
     top_k: int
     shared_expert: nn.Module | None
 
+    def parameters_per_expert(self) -> tuple[int, int]:
+        """Parameters one routed expert owns: ``(in the expert tensors, in the router)``.
+
+        A parameter belongs to the experts when its first dimension runs over them: one slice
+        of every fused expert tensor (``gate_up_proj``, ``down_proj`` and their biases) and
+        one router row (and router bias entry). Buffers are not parameters and are not counted.
+        The one rule behind :func:`moecollab.models.count_parameters` and
+        :func:`moecollab.pruning_apply.count_parameters_pruned`.
+        """
+        def per_expert(module: nn.Module | None) -> int:
+            if module is None:
+                return 0
+            return sum(param[0].numel() for param in module.parameters(recurse=False)
+                       if param.ndim >= 1 and param.shape[0] == self.n_experts)
+
+        return per_expert(self.experts), per_expert(self.router)
+
 
 @dataclass(frozen=True)
 class MoEArchitecture:

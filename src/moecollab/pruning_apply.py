@@ -383,13 +383,7 @@ def count_parameters_pruned(keep_mask: Any, model: nn.Module) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     experts_before = removed = 0
     for layer, ids in zip(architecture.moe_layers, kept, strict=True):
-        per_expert = 0
-        for module in (layer.router, layer.experts):
-            if module is None:
-                continue
-            for param in module.parameters(recurse=False):
-                if param.ndim >= 1 and param.shape[0] == layer.n_experts:
-                    per_expert += param[0].numel()
+        per_expert = sum(layer.parameters_per_expert())
         experts_before += per_expert * layer.n_experts
         removed += per_expert * (layer.n_experts - len(ids))
     return {
