@@ -13,7 +13,7 @@ from typing import Any
 
 from .data.corpus import DOMAINS
 from .data.paper import FIELDS as PAPER_FIELDS
-from .data.sources import DATA_SOURCES
+from .data.sources import DATA_SOURCES, ITEM_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ STAGES: tuple[Stage, ...] = (
         needs=("00_model", "05_pruning"),
         checks={
             "limit": NON_NEGATIVE,
-            "item_families": Check(choices=("mcq", "cloze", "word"), each=True),
+            "item_families": Check(choices=ITEM_FAMILIES, each=True),
             "n_workers": POSITIVE,
             "mcq_splits": Check(choices=("train", "validation", "test"), each=True),
             "n_perplexity_entries": POSITIVE,

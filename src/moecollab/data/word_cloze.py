@@ -10,7 +10,8 @@ the field cloze item's context and answer and takes its distractors from the **s
     options: liquids | acids | salts | metals          (all four chemistry words)
 
 so the model must know which word of the field fits this definition, not only which field it
-is in: the finer knowledge that pruning removes first.
+is in. Whether it tells pruning methods apart more sharply than the field cloze has varied
+between trained models; stage 06 shows both.
 
 The distractors are other answers of the same field's items, drawn with the frequency they have
 as answers, so answer and distractors come from one distribution and a word's commonness does
@@ -29,9 +30,6 @@ import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
-
-#: The item family name of these items in stage 06 (task names ``moecollab_word_<field>_...``).
-FAMILY = "word"
 
 
 def make_word_cloze_items(cloze_items: pd.DataFrame, *, n_choices: int = 4,
