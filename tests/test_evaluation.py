@@ -145,6 +145,30 @@ def test_write_mcq_tasks_removes_stale_and_checks_input(tmp_path):
         evaluation.write_mcq_tasks(items, tmp_path, splits="test")
 
 
+def test_task_families_read_the_manifests_not_the_names(tmp_path):
+    # A prefix and a domain with "_" in them: splitting names on "_" would give "study" and
+    # "science" as families here.
+    items = _items().replace({"domain": {"law": "computer_science"}})
+    items["item_id"] = items["item_id"].str.replace("law", "computer_science")
+    mcq = evaluation.write_mcq_tasks(items, tmp_path, prefix="my_study", splits=("test",))
+    word = evaluation.write_mcq_tasks(items, tmp_path, prefix="my_study", splits=("test",),
+                                      family="word")
+    ppl = evaluation.write_perplexity_tasks({"computer_science": ["Some text."]}, tmp_path,
+                                            prefix="my_study")
+    assert "my_study_word_computer_science_test" in word
+    families = evaluation.task_families([*mcq, *word, *ppl], tmp_path)
+    assert families == {**dict.fromkeys(mcq, "mcq"), **dict.fromkeys(word, "word"),
+                        **dict.fromkeys(ppl, None)}
+    assert families["my_study_word_test"] == "word"  # a group
+    assert evaluation.task_families("my_study_mcq_computer_science_test", tmp_path) == {
+        "my_study_mcq_computer_science_test": "mcq"}  # one name as a str
+    with pytest.raises(ValueError, match=r"unknown local task\(s\) 'my_study_cloze_test'.*"
+                                         r"known: my_study_mcq"):
+        evaluation.task_families(["my_study_mcq_test", "my_study_cloze_test"], tmp_path)
+    with pytest.raises(ValueError, match="known: none"):
+        evaluation.task_families(["arc_challenge"], tmp_path / "empty")
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation and caching
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ per-layer-pruned model needs no checkpoint on disk.
 
 - :func:`write_mcq_tasks` and :func:`write_perplexity_tasks` turn the embedded corpus into local
   lm-eval tasks: one JSONL file and one task YAML per (domain, split) or domain, a shared
-  template, one group per split, and a small JSON manifest naming the files of every task.
+  template, one group per split, and a small JSON manifest naming the files of every task
+  (and its family, domain and split: :func:`task_families` reads it back).
 - :func:`evaluate` runs tasks (local or standard lm-eval ones) and caches each task's result as
   JSON, keyed by the model, the task definition (hash of the generated files), ``limit``,
   ``num_fewshot`` and the lm-eval version; :func:`evaluate_masks` does this for many keep-masks.
@@ -36,7 +37,7 @@ import re
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -73,6 +74,7 @@ __all__ = [
     "standard_task_names",
     "standard_tasks_of",
     "task_cache_keys",
+    "task_families",
     "write_mcq_tasks",
     "write_perplexity_tasks",
 ]
@@ -443,6 +445,42 @@ def _read_task_manifests(task_dir: str | os.PathLike | None) -> dict[str, dict[s
             for name, entry in manifest.get(section, {}).items():
                 info[name] = {**entry, "is_group": section == "groups"}
     return info
+
+
+def task_families(names: str | Iterable[str], task_dir: str | os.PathLike
+                  ) -> dict[str, str | None]:
+    """The item family of local tasks and groups, as their task manifests record it.
+
+    Parameters
+    ----------
+    names : str or iterable of str
+        Task or group names written by :func:`write_mcq_tasks` or
+        :func:`write_perplexity_tasks` into ``task_dir``.
+    task_dir : path
+        The folder those functions wrote (its ``*_tasks.json`` manifests are read once).
+
+    Returns
+    -------
+    dict of str to str or None
+        Name → ``"mcq"``, ``"cloze"`` or ``"word"`` (the ``family`` given to
+        :func:`write_mcq_tasks`); None for a perplexity task or group, which has no item
+        family. Read from the manifests, never parsed out of the name: a prefix or domain may
+        itself contain ``_``.
+
+    Raises
+    ------
+    ValueError
+        A name that no manifest in ``task_dir`` lists.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    info = _read_task_manifests(task_dir)
+    unknown = [name for name in dict.fromkeys(names) if name not in info]
+    if unknown:
+        known = sorted(info)
+        shown = ", ".join(known[:6]) + (f", … ({len(known)} in all)" if len(known) > 6 else "")
+        raise ValueError(f"unknown local task(s) {', '.join(map(repr, unknown))}: not in the "
+                         f"task manifests of {task_dir}; known: {shown or 'none'}")
+    return {name: info[name].get("family") for name in names}
 
 
 # --------------------------------------------------------------------------------------------
