@@ -31,6 +31,7 @@ from moecollab.hsdl_coverage import (
     atom_top_experts,
     coverage_at,
 )
+from moecollab.hsdl_sparse import SparseBatch, sparse_residual, sparse_times_dense
 from moecollab.models import resolve_device
 
 __all__ = [
@@ -97,6 +98,9 @@ def check_activation_matrix(X: ArrayLike, *, name: str = "X") -> np.ndarray | sp
             )
         else:
             X = X.detach().to("cpu").numpy()
+    if np.iscomplexobj(X):  # np.asarray(..., float32) would drop the imaginary part
+        raise ValueError(f"Complex data not supported: {name} must hold real, non-negative "
+                         f"activations; got dtype {X.dtype}")
     if sparse.issparse(X):
         if X.ndim != 2:
             raise ValueError(f"{name} must be 2-D (n_samples, n_experts); got ndim={X.ndim}")
@@ -334,8 +338,9 @@ class HSDL(BaseEstimator):
     lr_halving_epochs : int, default=500
         The learning rate is halved every this many epochs (paper: 500).
     batch_size : int, default=256
-        Samples per mini-batch. Sparse ``X`` is densified one mini-batch at a time, on the
-        fit's device, from padded (column, value) arrays built once (see `_TrainingRows`).
+        Samples per mini-batch. On the CPU, sparse ``X`` is never densified: each step runs on
+        the mini-batch's nonzeros (`moecollab.hsdl_sparse`); on a GPU it is densified one
+        mini-batch at a time on the device (see `_TrainingRows`).
     init : {"nmf", "random"}, default="nmf"
         ``"nmf"``: level 1 from scikit-learn NMF on (a subsample of at most 8,192 rows of) ``X``,
         level ``l+1`` from NMF of the level-``l`` dictionary; each atom is scaled to a maximum
@@ -354,7 +359,8 @@ class HSDL(BaseEstimator):
         CPU threads torch may use during fit (set for the fit, restored after); ``None`` keeps
         torch's current setting, ``-1`` uses every core. Mini-batches of a few hundred rows are
         fastest on one thread: thread synchronisation costs more than it saves, and much more
-        when the cores are shared with other work (measured 2-3x on 2 cores).
+        when the cores are shared with other work (measured 2-3x on 2 cores). The sparse step's
+        kernels run on one thread whatever this says.
     distributed : bool or "auto", default="auto"
         Train data-parallel with torch.distributed (DistributedDataParallel) when a process
         group is initialised with more than one process (``"auto"``), e.g. under ``torchrun``:
@@ -779,7 +785,7 @@ class _HSDLNetwork(torch.nn.Module):
 
 
 def _batch_terms(
-    batch: torch.Tensor | _SparseBatch,
+    batch: torch.Tensor | SparseBatch,
     n_global: int,
     thetas: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -797,21 +803,15 @@ def _batch_terms(
     average of the ranks' gradients is the gradient of the whole batch; with one process these
     are `hsdl_loss`'s terms.
 
-    A `_SparseBatch` (sparse ``X`` on the CPU) never becomes dense: the encoder is a sparse
-    product, and since codes and atoms are non-negative, off a row's nonzeros
-    ``|x_j - (cD)_j| = (cD)_j``, so ``‖x - cD‖_1 = c·(D 1) + Σ_{j ∈ supp x} (|x_j - (cD)_j| -
-    (cD)_j)`` needs ``cD`` only at the nonzeros (`_SampledProduct`). At the paper's shape (162
-    of 1,728 columns) this does a tenth of the dense path's arithmetic (see `_TrainingRows`).
+    A `SparseBatch` (sparse ``X`` on the CPU) is never densified: level 1 runs on its nonzeros
+    (`moecollab.hsdl_sparse`), the same terms and gradients in another summation order.
     """
     world = group.size() if group is not None else 1
     scale = world / n_global
     dictionaries = [torch.sigmoid(theta) for theta in thetas]
-    if isinstance(batch, _SparseBatch):
-        codes = torch.relu(_SparseTimesDense.apply(weights[0].T, batch) + biases[0])
-        at_nonzeros = _SampledProduct.apply(codes, dictionaries[0], batch)
-        off_support = codes @ dictionaries[0].sum(dim=1)
-        residual_sum = off_support.sum() + ((batch.values - at_nonzeros).abs()
-                                            - at_nonzeros).sum()
+    if isinstance(batch, SparseBatch):
+        codes = torch.relu(sparse_times_dense(batch, weights[0].T) + biases[0])
+        residual_sum = sparse_residual(batch, codes, dictionaries[0])
     else:
         codes = torch.relu(batch @ weights[0].T + biases[0])
         residual_sum = (batch - codes @ dictionaries[0]).abs().sum()
@@ -858,78 +858,15 @@ def _process_group(distributed: bool | str) -> Any:
     return group
 
 
-class _SparseBatch:
-    """A mini-batch of sparse rows on the CPU: a SciPy CSR matrix and its torch CSR view."""
-
-    def __init__(self, rows: sparse.csr_matrix) -> None:
-        self.rows = rows
-        self.values = torch.from_numpy(rows.data)
-        self.csr = self.with_values(self.values)
-
-    def with_values(self, values: torch.Tensor) -> torch.Tensor:
-        """A torch CSR tensor of the batch's pattern carrying ``values`` (one per entry)."""
-        with warnings.catch_warnings():  # torch calls its CSR layout beta; SciPy built this one
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(self.rows.indptr), torch.from_numpy(self.rows.indices),
-                values, size=self.rows.shape, check_invariants=False)
-
-    def transposed_times(self, values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """``Mᵀ @ dense`` for M of the batch's pattern carrying ``values``."""
-        matrix = sparse.csr_matrix((values.numpy(), self.rows.indices, self.rows.indptr),
-                                   shape=self.rows.shape)
-        return torch.from_numpy(np.asarray(matrix.T @ dense.numpy()))
-
-
-# Products with the sparse batch: torch's CSR kernel (MKL) for ``batch @ dense``, SciPy's for
-# ``batchᵀ @ dense`` (torch: 4.8 ms for a transposed CSR against SciPy's 0.5 ms at the paper's
-# shape on one core, 2026-12-02).
-
-
-class _SparseTimesDense(torch.autograd.Function):
-    """``batch @ M`` for a constant sparse batch; the gradient flows to ``M`` only."""
-
-    @staticmethod
-    def forward(ctx: Any, dense: torch.Tensor, batch: _SparseBatch) -> torch.Tensor:
-        ctx.batch = batch
-        return batch.csr @ dense.detach()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.batch.transposed_times(ctx.batch.values, grad.contiguous()), None
-
-
-class _SampledProduct(torch.autograd.Function):
-    """``codes @ atoms`` evaluated only at the batch's stored entries (one value each)."""
-
-    @staticmethod
-    def forward(ctx: Any, codes: torch.Tensor, atoms: torch.Tensor,
-                batch: _SparseBatch) -> torch.Tensor:
-        ctx.save_for_backward(codes, atoms)
-        ctx.batch = batch
-        product = torch.sparse.sampled_addmm(batch.csr, codes.detach(), atoms.detach(),
-                                             beta=0.0)
-        return product.values().clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        codes, atoms = ctx.saved_tensors
-        grad = grad.contiguous()  # d/d(codes @ atoms) at the stored entries
-        grad_codes = ctx.batch.with_values(grad) @ atoms.detach().T
-        grad_atoms = ctx.batch.transposed_times(grad, codes.detach().contiguous()).T
-        return grad_codes, grad_atoms, None
-
-
 class _TrainingRows:
     """The training matrix, handing out mini-batches for `_batch_terms`.
 
-    On the CPU, sparse ``X`` gives `_SparseBatch` es (SciPy row selection) that are never
-    densified. Measured at the paper's shape (512 rows, 162 of 1,728 columns nonzero, atoms 32
-    and 16, one core, 2026-12-02): 13 ms a step densified, of which the five 512 x 1,728 x 32
-    products took 7 ms and element-wise work on the dense residual 4 ms; the sparse products
-    take about 0.5-1 ms each. On a GPU, sparse ``X`` is kept as padded (columns, values)
-    arrays on the device and a batch is densified there by one scatter (dense products are
-    what a GPU does best); dense ``X`` stays dense.
+    On the CPU, sparse ``X`` gives `SparseBatch` es (SciPy row selection) that are never
+    densified (`moecollab.hsdl_sparse`). On a GPU, sparse ``X`` is kept as padded (columns,
+    values) arrays on the device and a batch is densified there by one scatter, since dense
+    products are what a GPU does best; rows of very unequal length (sample-level matrices),
+    whose padding could cost more than the dense matrix, are densified by SciPy one batch at a
+    time. Dense ``X`` stays dense.
     """
 
     def __init__(self, X: np.ndarray | sparse.csr_matrix, device: torch.device) -> None:
@@ -943,21 +880,21 @@ class _TrainingRows:
             return
         if device.type == "cpu":
             if not X.has_canonical_format:  # one stored entry per (row, column), sorted
-                X = X.copy()
+                self.X = X = X.copy()
                 X.sum_duplicates()
-            self.X = X
             return
         lengths = np.diff(X.indptr)
         width = max(int(lengths.max()), 1) if len(lengths) else 1
-        columns = np.zeros((X.shape[0], width), dtype=np.int64)
-        values = np.zeros((X.shape[0], width), dtype=np.float32)
-        slots = np.arange(width)[None, :] < lengths[:, None]
-        columns[slots] = X.indices
-        values[slots] = X.data
-        self.padded = (torch.as_tensor(columns, device=device),
-                       torch.as_tensor(values, device=device))
+        if width * X.shape[0] <= 1.5 * max(X.nnz, 1):
+            columns = np.zeros((X.shape[0], width), dtype=np.int64)
+            values = np.zeros((X.shape[0], width), dtype=np.float32)
+            slots = np.arange(width)[None, :] < lengths[:, None]
+            columns[slots] = X.indices
+            values[slots] = X.data
+            self.padded = (torch.as_tensor(columns, device=device),
+                           torch.as_tensor(values, device=device))
 
-    def batch(self, ids: torch.Tensor) -> torch.Tensor | _SparseBatch:
+    def batch(self, ids: torch.Tensor) -> torch.Tensor | SparseBatch:
         if self.padded is not None:
             ids = ids.to(self.device)
             columns, values = self.padded[0][ids], self.padded[1][ids]
@@ -965,7 +902,10 @@ class _TrainingRows:
             return block.scatter_add_(1, columns, values)  # padding adds 0 to column 0
         if self.dense is not None:
             return self.dense[ids.to(self.device)]
-        return _SparseBatch(self.X[ids.numpy()])
+        rows = self.X[ids.numpy()]
+        if self.device.type == "cpu":
+            return SparseBatch(rows)
+        return torch.as_tensor(rows.toarray(), device=self.device)
 
 
 def _forward(

@@ -1,0 +1,148 @@
+"""HSDL's training step on sparse rows, on the CPU, without densifying a mini-batch.
+
+Token-level routing is sparse: at the paper's shape a row of ``X`` has 162 nonzeros of 1,728
+columns (27 layers, top-6). The dense step multiplies 512 x 1,728 by 1,728 x 32 five times and
+takes the L1 norm of a dense 512 x 1,728 residual. Two facts make that unnecessary:
+
+- the level-1 encoder ``X Wᵀ`` only reads the nonzeros (a sparse product), and
+- codes and atoms are non-negative, so off a row's nonzeros ``|x_j - (cD)_j| = (cD)_j``, and
+  ``‖x - cD‖_1 = c·(D 1) + Σ_{j ∈ supp x} (|x_j - (cD)_j| - (cD)_j)``: the reconstruction
+  needs ``cD`` at the nonzeros only.
+
+The kernels below (numba, one thread, deterministic) do a tenth of the dense arithmetic, in one
+pass over the nonzeros each. Measured at the paper's shape on one core of a shared 2-core
+machine (2026-12-02; `benchmarks/bench_scaling.py` records whole fits): a training step took
+13-17 ms dense, 10 ms with torch's and SciPy's sparse products (torch's ``sampled_addmm``, SciPy
+for the transposed products, where torch took 4.8 ms and SciPy 0.5 ms), and less with these
+kernels. `tests/test_hsdl.py` checks the terms and gradients against the dense step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+import torch
+from scipy import sparse
+
+__all__ = ["SparseBatch", "sparse_residual", "sparse_times_dense"]
+
+
+class SparseBatch:
+    """A mini-batch of rows of a canonical CSR matrix (sorted, no duplicate entries)."""
+
+    def __init__(self, rows: sparse.csr_matrix) -> None:
+        self.indptr = rows.indptr
+        self.indices = rows.indices
+        self.data = np.ascontiguousarray(rows.data, dtype=np.float32)
+        self.shape = rows.shape
+
+    def toarray(self) -> np.ndarray:
+        return sparse.csr_matrix((self.data, self.indices, self.indptr),
+                                 shape=self.shape).toarray()
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows_times_dense(indptr, indices, data, dense):  # pragma: no cover - compiled
+    """``B @ dense`` for B in CSR, dense of shape (n_columns, K)."""
+    n_rows, width = len(indptr) - 1, dense.shape[1]
+    out = np.zeros((n_rows, width), dtype=np.float32)
+    for row in range(n_rows):
+        for entry in range(indptr[row], indptr[row + 1]):
+            column, value = indices[entry], data[entry]
+            for k in range(width):
+                out[row, k] += value * dense[column, k]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _rows_transposed_times(indptr, indices, data, dense, n_columns):  # pragma: no cover
+    """``Bᵀ @ dense`` for B in CSR, dense of shape (n_rows, K)."""
+    width = dense.shape[1]
+    out = np.zeros((n_columns, width), dtype=np.float32)
+    for row in range(len(indptr) - 1):
+        for entry in range(indptr[row], indptr[row + 1]):
+            column, value = indices[entry], data[entry]
+            for k in range(width):
+                out[column, k] += value * dense[row, k]
+    return out
+
+
+# fastmath lets LLVM split the K-long dot product into vector lanes (reassociation); the
+# result is still the same on every run of one machine.
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _residual_at_nonzeros(indptr, indices, data, codes, atoms_t):  # pragma: no cover
+    """``Σ_entries |x - p| - p`` with ``p = codes[row] · atoms_t[column]``, and its gradients.
+
+    The derivative of ``|x - p| - p`` by ``p`` is ``-sign(x - p) - 1`` (sign(0) = 0, as torch's
+    ``abs``), so with the ``c·(D 1)`` term each (row, column) gets ``-sign(x - p)`` in all, the
+    dense step's gradient."""
+    n_rows, width = codes.shape
+    grad_codes = np.zeros((n_rows, width), dtype=np.float32)
+    grad_atoms_t = np.zeros(atoms_t.shape, dtype=np.float32)
+    total = 0.0
+    for row in range(n_rows):
+        for entry in range(indptr[row], indptr[row + 1]):
+            column = indices[entry]
+            product = np.float32(0.0)
+            for k in range(width):
+                product += codes[row, k] * atoms_t[column, k]
+            difference = data[entry] - product
+            total += abs(difference) - product
+            slope = np.float32(-2.0) if difference > 0 else (
+                np.float32(0.0) if difference < 0 else np.float32(-1.0))
+            if slope != 0:
+                for k in range(width):
+                    grad_codes[row, k] += slope * atoms_t[column, k]
+                    grad_atoms_t[column, k] += slope * codes[row, k]
+    return total, grad_codes, grad_atoms_t
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().numpy(), dtype=np.float32)
+
+
+class _SparseTimesDense(torch.autograd.Function):
+    """``batch @ M`` for a constant sparse batch; the gradient flows to ``M`` only."""
+
+    @staticmethod
+    def forward(ctx: Any, dense: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
+        ctx.batch = batch
+        return torch.from_numpy(
+            _rows_times_dense(batch.indptr, batch.indices, batch.data, _numpy(dense)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        batch = ctx.batch
+        return torch.from_numpy(_rows_transposed_times(
+            batch.indptr, batch.indices, batch.data, _numpy(grad), batch.shape[1])), None
+
+
+class _SparseResidual(torch.autograd.Function):
+    """``Σ_{(i, j) ∈ supp} |x_ij - (cD)_ij| - (cD)_ij``, gradients computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx: Any, codes: torch.Tensor, atoms: torch.Tensor,
+                batch: SparseBatch) -> torch.Tensor:
+        total, grad_codes, grad_atoms_t = _residual_at_nonzeros(
+            batch.indptr, batch.indices, batch.data, _numpy(codes), _numpy(atoms.T))
+        ctx.gradients = (torch.from_numpy(grad_codes), torch.from_numpy(grad_atoms_t).T)
+        return codes.new_tensor(total)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        grad_codes, grad_atoms = ctx.gradients
+        return grad * grad_codes, grad * grad_atoms, None
+
+
+def sparse_times_dense(batch: SparseBatch, dense: torch.Tensor) -> torch.Tensor:
+    """``batch @ dense`` (differentiable in ``dense``), shape (n_rows, dense.shape[1])."""
+    return _SparseTimesDense.apply(dense, batch)
+
+
+def sparse_residual(batch: SparseBatch, codes: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """``Σ_i ‖x_i - c_i D‖_1`` for non-negative ``codes`` (n_rows, K) and ``atoms`` (K, n_columns),
+    differentiable in both, reading ``codes @ atoms`` at the batch's nonzeros only."""
+    off_support = codes @ atoms.sum(dim=1)
+    return off_support.sum() + _SparseResidual.apply(codes, atoms, batch)
