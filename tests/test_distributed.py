@@ -81,25 +81,33 @@ def test_two_process_capture_equals_one_process_capture(tmp_path):
     assert len(RoutingTrace.load(tmp_path / "sharded" / "rank-00001")) < len(single)
 
 
-def test_two_process_hsdl_matches_one_process_within_tolerance(tmp_path):
+@pytest.mark.parametrize("layout", ["dense", "sparse"])  # sparse X: the CPU's sparse step
+def test_two_process_hsdl_matches_one_process_within_tolerance(tmp_path, layout):
+    from scipy import sparse
+
     from moecollab.synthetic import make_planted_hierarchy
 
     planted = make_planted_hierarchy(n_samples=1001, n_experts=96, random_state=0)
-    np.save(tmp_path / "X.npy", planted.X.astype(np.float32))
+    X = planted.X.astype(np.float32)
+    if layout == "sparse":
+        X = sparse.csr_matrix(X)
+    sparse.save_npz(tmp_path / "X.npz", sparse.csr_matrix(X))
     settings = dict(n_atoms=(6, 3), n_epochs=5, batch_size=100, n_init=1, random_state=0)
     torchrun(tmp_path, f"""
         import sys, numpy as np, torch
+        from scipy import sparse
         from moecollab.distributed import _init_process_group
         from moecollab.hsdl import HSDL, save_hsdl
         _init_process_group()
-        model = HSDL(**{settings!r}).fit(np.load(sys.argv[1]))
+        X = sparse.load_npz(sys.argv[1])
+        model = HSDL(**{settings!r}).fit(X if {layout == "sparse"} else X.toarray())
         assert model.device_.type == "cpu"
         if torch.distributed.get_rank() == 0:
             save_hsdl(model, sys.argv[2])
         torch.distributed.destroy_process_group()
-        """, str(tmp_path / "X.npy"), str(tmp_path / "fit"))
+        """, str(tmp_path / "X.npz"), str(tmp_path / "fit"))
     two = load_hsdl(tmp_path / "fit")
-    one = HSDL(**settings).fit(planted.X.astype(np.float32))
+    one = HSDL(**settings).fit(X)
     for ours, theirs in zip(two.dictionaries_, one.dictionaries_, strict=True):
         assert np.abs(ours - theirs).max() < HSDL_TOLERANCE
     assert np.allclose(two.loss_history_["total"], one.loss_history_["total"], rtol=1e-4)
