@@ -10,11 +10,13 @@ takes the L1 norm of a dense 512 x 1,728 residual. Two facts make that unnecessa
   needs ``cD`` at the nonzeros only.
 
 The kernels below (numba, one thread, deterministic) do a tenth of the dense arithmetic, in one
-pass over the nonzeros each. Measured at the paper's shape on one core of a shared 2-core
-machine (2026-12-02; `benchmarks/bench_scaling.py` records whole fits): a training step took
-13-17 ms dense, 10 ms with torch's and SciPy's sparse products (torch's ``sampled_addmm``, SciPy
-for the transposed products, where torch took 4.8 ms and SciPy 0.5 ms), and less with these
-kernels. `tests/test_hsdl.py` checks the terms and gradients against the dense step.
+pass over the nonzeros each. Measured at the paper's shape on a shared 2-core machine
+(2026-12-02, `benchmarks/bench_scaling.py`, an epoch of 604k rows, best of two runs): 14.1 s
+with the dense step on 2 threads, 8.7 s with this one (7.3 ms a step of 512 rows, about half of
+it PyTorch's fixed cost for the second level and Adam). torch's ``sampled_addmm`` and SciPy's
+products were tried first and gave 10 ms a step on one core; torch's product with a transposed
+CSR matrix took 4.8 ms where SciPy took 0.5 ms. `tests/test_hsdl.py` checks the terms and
+gradients against the dense step.
 """
 
 from __future__ import annotations
