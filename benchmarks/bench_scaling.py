@@ -91,7 +91,8 @@ def time_coactivation(ids: np.ndarray, n_experts: int) -> float:
         selected = coactivation.selection_matrix(ids, n_experts)
         shuffled = coactivation.shuffled_selection(ids, n_experts, random_state=0)
         coactivation.lift_summary(selected, shuffled, n_experts)
-        coactivation.top_pairs(selected, n=20, n_experts=n_experts, min_count=10)
+        coactivation.top_pairs(selected, n=20, n_experts=n_experts, cross_layer_only=True,
+                                min_count=10)
     return timed(work)
 
 
@@ -99,7 +100,7 @@ def time_triplets(ids: np.ndarray, n_experts: int) -> float:
     """The old way: list every cross-layer triplet with NumPy, then sort (what top_triplets did
     before the census; ``n=None`` still takes this path)."""
     return timed(lambda: coactivation.top_triplets(ids, n=None, n_experts=n_experts,
-                                                   min_count=10))
+                                                   cross_layer_only=True, min_count=10))
 
 
 def time_census(ids: np.ndarray, n_experts: int, threads: int) -> float:

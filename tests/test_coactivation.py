@@ -123,7 +123,8 @@ def test_selection_matrix_matches_routing_trace():
     # A trace is accepted wherever expert ids are.
     assert (coactivation.shuffled_selection(trace, random_state=3)
             != coactivation.shuffled_selection(expert_ids, 5, random_state=3)).nnz == 0
-    from_trace, from_matrix = (coactivation.triplet_ranking(x) for x in (trace, ours))
+    from_trace, from_matrix = (coactivation.triplet_ranking(x, cross_layer_only=False)
+                              for x in (trace, ours))
     assert from_trace[0] == from_matrix[0]
     np.testing.assert_array_equal(from_trace[1], from_matrix[1])
 
@@ -152,12 +153,13 @@ def test_pair_ranking_and_top_pairs_agree_with_the_counts():
     expert_ids = random_routing(80, 3, 4, 2, seed=3)
     selected = coactivation.selection_matrix(expert_ids, 4)
     counts = coactivation.cooccurrence_counts(selected)
-    pairs, pair_counts = coactivation.pair_ranking(selected)
+    pairs, pair_counts = coactivation.pair_ranking(selected, cross_layer_only=False)
     assert len(pairs) == int((np.triu(counts, 1) > 0).sum())
     assert all(a < b for a, b in pairs)
     assert [counts[a, b] for a, b in pairs] == pair_counts.tolist()
     assert (np.diff(pair_counts) <= 0).all()
-    table = coactivation.top_pairs(selected, None, n_experts=4, min_count=2)
+    table = coactivation.top_pairs(selected, None, n_experts=4, cross_layer_only=True,
+                                   min_count=2)
     assert (table["layer_a"] != table["layer_b"]).all()
     assert table["count"].min() >= 2
     assert list(table.columns) == ["expert_a", "expert_b", "layer_a", "expert_in_layer_a",
@@ -181,7 +183,7 @@ def test_planted_pair_is_the_top_cross_layer_pair():
     n_experts, top_k = 8, 2
     selected = coactivation.selection_matrix(planted_routing(20_000, n_experts, top_k, 0),
                                              n_experts)
-    table = coactivation.top_pairs(selected, 5, n_experts=n_experts)
+    table = coactivation.top_pairs(selected, 5, n_experts=n_experts, cross_layer_only=True)
     best = table.iloc[0]
     assert (best["layer_a"], best["expert_in_layer_a"]) == (0, 3)
     assert (best["layer_b"], best["expert_in_layer_b"]) == (1, 5)
@@ -263,11 +265,13 @@ def test_triplet_floor_and_top_triplets():
     frequency = coactivation.expert_frequency(selected)
     floor = float(np.median(frequency))
     triplets, counts = coactivation.triplet_ranking(expert_ids, n_experts=4,
+                                                    cross_layer_only=False,
                                                     min_expert_frequency=floor)
     frequent = set(np.flatnonzero(frequency >= floor).tolist())
     expected = {t: c for t, c in brute_force_triplets(selected).items() if set(t) <= frequent}
     assert dict(zip(triplets, counts.tolist(), strict=True)) == expected
-    table = coactivation.top_triplets(expert_ids, 3, n_experts=4, min_count=2)
+    table = coactivation.top_triplets(expert_ids, 3, n_experts=4, cross_layer_only=True,
+                                      min_count=2)
     assert len(table) == 3
     assert (table["layer_a"] < table["layer_b"]).all() and (table["layer_b"] < table["layer_c"]
                                                             ).all()
@@ -304,11 +308,14 @@ def test_domain_similarity_load_balance_and_cluster_order():
     ("call", "match"),
     [
         (lambda s: coactivation.adjacent_layer_lift(s, 4, 2), "layer"),
-        (lambda s: coactivation.top_pairs(s, 0, n_experts=4), "n must"),
-        (lambda s: coactivation.top_pairs(s, 5, n_experts=5), "n_experts"),
+        (lambda s: coactivation.top_pairs(s, 0, n_experts=4, cross_layer_only=True), "n must"),
+        (lambda s: coactivation.top_pairs(s, 5, n_experts=5, cross_layer_only=True),
+         "n_experts"),
         (lambda s: coactivation.pair_ranking(s, cross_layer_only=True), "n_experts"),
-        (lambda s: coactivation.pair_ranking(s, min_count=0), "min_count"),
-        (lambda s: coactivation.triplet_ranking(s, min_expert_frequency=2), "min_expert"),
+        (lambda s: coactivation.pair_ranking(s, cross_layer_only=False, min_count=0),
+         "min_count"),
+        (lambda s: coactivation.triplet_ranking(s, cross_layer_only=False,
+                                                min_expert_frequency=2), "min_expert"),
         (lambda s: coactivation.shuffled_selection(s), "n_experts"),
     ],
 )
@@ -339,9 +346,11 @@ def test_figures_are_returned_and_closed():
         plotting.coactivation_heatmap(block, 0),
         plotting.lift_distribution(coactivation.cross_layer_lift_values(selected, n_experts),
                                    coactivation.cross_layer_lift_values(null, n_experts)),
-        plotting.top_pairs_bars(coactivation.top_pairs(selected, 10, n_experts=n_experts)),
+        plotting.top_pairs_bars(coactivation.top_pairs(selected, 10, n_experts=n_experts,
+                                                       cross_layer_only=True)),
         plotting.top_pairs_bars(pd.DataFrame(coactivation.top_triplets(
-            np.concatenate([expert_ids, expert_ids[:, :1]], axis=1), 5, n_experts=n_experts))),
+            np.concatenate([expert_ids, expert_ids[:, :1]], axis=1), 5, n_experts=n_experts,
+                cross_layer_only=True))),
         plotting.clustered_similarity(similarity, ["math", "law", "physics"],
                                       coactivation.cluster_order(similarity)),
         plotting.load_balance_plot(balance, balance.assign(normalised_entropy=0.5)),

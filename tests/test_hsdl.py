@@ -346,7 +346,7 @@ def test_coverage_by_hand():
             [1, 0, 0, 1],
         ]
     )
-    pairs, counts = pair_ranking(selected)
+    pairs, counts = pair_ranking(selected, cross_layer_only=False)
     # (0,1): 4, (2,3): 2, then ties of 1 in index order: (0,2), (0,3), (1,2)
     assert pairs == [(0, 1), (2, 3), (0, 2), (0, 3), (1, 2)]
     assert counts.tolist() == [4, 2, 1, 1, 1]
@@ -356,7 +356,7 @@ def test_coverage_by_hand():
     # top 40% = 2 pairs: atoms 1 and 2
     assert coverage_at(top_pairs, pairs, 0.4) == pytest.approx(2 / 3)
     assert coverage_at(top_pairs, pairs, 1.0) == pytest.approx(1.0)
-    triplets, triplet_counts = triplet_ranking(selected)
+    triplets, triplet_counts = triplet_ranking(selected, cross_layer_only=False)
     assert triplets == [(0, 1, 2)] and triplet_counts.tolist() == [1]
     assert coverage_at(atom_top_experts(dictionary, n=3), triplets, 1.0) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="top_fraction"):
@@ -366,7 +366,7 @@ def test_coverage_by_hand():
 def test_pair_ranking_matches_a_plain_loop():
     rng = np.random.default_rng(0)
     selected = (rng.random((200, 12)) < 0.25).astype(np.int8)
-    pairs, counts = pair_ranking(sparse.csr_matrix(selected))
+    pairs, counts = pair_ranking(sparse.csr_matrix(selected), cross_layer_only=False)
     for (a, b), count in zip(pairs, counts, strict=True):
         assert count == int((selected[:, a] & selected[:, b]).sum())
     assert list(counts) == sorted(counts, reverse=True)

@@ -55,7 +55,7 @@ def test_census_equals_brute_force_and_the_listed_ranking(cross_layer_only, min_
 def test_positions_and_coverage_equal_the_listed_ranking_on_ragged_rows():
     rng = np.random.default_rng(1)
     selected = sparse.csr_array(rng.random((250, 19)) < 0.3)  # rows of every length
-    ranking, _ = coactivation.triplet_ranking(selected)
+    ranking, _ = coactivation.triplet_ranking(selected, cross_layer_only=False)
     index = {t: i for i, t in enumerate(ranking)}
     queries = [tuple(rng.choice(19, 3, replace=False).tolist()) for _ in range(300)]
     queries += [ranking[0], ranking[-1], (0, 0, 1)]
@@ -77,7 +77,8 @@ def test_threads_and_expert_floor_give_the_same_census():
     assert one.histogram.tolist() == two.histogram.tolist()
     assert one.top_triplets.tolist() == two.top_triplets.tolist()
     floor = triplet_census(selected, min_expert_frequency=0.3)
-    listed, counts = coactivation.triplet_ranking(selected, min_expert_frequency=0.3)
+    listed, counts = coactivation.triplet_ranking(selected, cross_layer_only=False,
+                                                    min_expert_frequency=0.3)
     assert floor.histogram.tolist() == np.bincount(counts, minlength=len(
         floor.histogram)).tolist()
 
@@ -86,7 +87,8 @@ def test_top_triplets_table_is_unchanged_by_the_census():
     selected = routed(n_tokens=400, seed=3)
     listed, counts = coactivation.triplet_ranking(selected, n_experts=6, cross_layer_only=True,
                                                   min_count=2)
-    table = coactivation.top_triplets(selected, 8, n_experts=6, min_count=2)
+    table = coactivation.top_triplets(selected, 8, n_experts=6, cross_layer_only=True,
+                                      min_count=2)
     assert list(zip(table["expert_a"], table["expert_b"], table["expert_c"],
                     strict=True)) == listed[:8]
     assert table["count"].tolist() == counts[:8].tolist()

@@ -466,7 +466,7 @@ def pair_ranking(
     selected: Any,
     *,
     n_experts: int | Sequence[int] | None = None,
-    cross_layer_only: bool = False,
+    cross_layer_only: bool,
     min_count: int = 1,
 ) -> tuple[list[tuple[int, int]], np.ndarray]:
     """Every pair of experts that fires on the same token, most frequent first (paper Eq. 8).
@@ -481,8 +481,8 @@ def pair_ranking(
     n_experts : int or sequence of int, optional
         Routed experts per layer; needed only with ``cross_layer_only``.
     cross_layer_only : bool
-        Keep only pairs of experts in different layers. Default False: all pairs, as in the
-        paper's enumeration.
+        Keep only pairs of experts in different layers; False: all pairs, as in the paper's
+        enumeration. Required, as in `top_pairs`, so that no call relies on a default.
     min_count : int
         Keep pairs that fire together on at least this many tokens.
 
@@ -496,7 +496,7 @@ def pair_ranking(
     Examples
     --------
     >>> selected = sparse.csr_array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=bool)
-    >>> pair_ranking(selected)
+    >>> pair_ranking(selected, cross_layer_only=False)
     ([(0, 1), (1, 2), (0, 2)], array([2, 2, 1]))
     """
     _check_min_count(min_count)
@@ -516,7 +516,7 @@ def top_pairs(
     n: int | None = 20,
     *,
     n_experts: int | Sequence[int],
-    cross_layer_only: bool = True,
+    cross_layer_only: bool,
     min_count: int = 1,
 ) -> pd.DataFrame:
     """The most frequently co-activated expert pairs, with their probabilities and lift.
@@ -530,8 +530,8 @@ def top_pairs(
     n_experts : int or sequence of int
         Routed experts per layer (to name each column's layer and expert).
     cross_layer_only : bool
-        Keep only pairs of experts in different layers (default): within a layer, top-k
-        routing alone shapes co-activation.
+        Keep only pairs of experts in different layers (what stage 02 reports: within a
+        layer, top-k routing alone shapes co-activation). Required.
     min_count : int
         Keep pairs that fire together on at least this many tokens.
 
@@ -546,8 +546,9 @@ def top_pairs(
     Examples
     --------
     >>> ids = np.array([[[0], [1]], [[0], [1]], [[1], [0]], [[0], [1]]])  # 4 tokens, top-1
-    >>> top_pairs(selection_matrix(ids, 2), 1, n_experts=2)[["layer_a", "expert_in_layer_a",
-    ...     "layer_b", "expert_in_layer_b", "count", "lift"]].to_dict("records")
+    >>> table = top_pairs(selection_matrix(ids, 2), 1, n_experts=2, cross_layer_only=True)
+    >>> table[["layer_a", "expert_in_layer_a", "layer_b", "expert_in_layer_b", "count",
+    ...        "lift"]].to_dict("records")
     [{'layer_a': 0, 'expert_in_layer_a': 0, 'layer_b': 1, 'expert_in_layer_b': 1, 'count': 3, \
 'lift': 1.3333333333333333}]
     """
@@ -740,7 +741,7 @@ def triplet_ranking(
     expert_ids_or_selected: Any,
     *,
     n_experts: int | Sequence[int] | None = None,
-    cross_layer_only: bool = False,
+    cross_layer_only: bool,
     min_count: int = 1,
     min_expert_frequency: float = 0.0,
 ) -> tuple[list[tuple[int, int, int]], np.ndarray]:
@@ -765,8 +766,8 @@ def triplet_ranking(
     n_experts : int or sequence of int, optional
         Routed experts per layer; needed with expert ids or ``cross_layer_only``.
     cross_layer_only : bool
-        Keep only triplets whose three experts lie in three different layers. Default False:
-        all triplets, as in the paper's enumeration.
+        Keep only triplets whose three experts lie in three different layers; False: all
+        triplets, as in the paper's enumeration. Required.
     min_count : int
         Keep triplets that fire together on at least this many tokens.
     min_expert_frequency : float in [0, 1]
@@ -783,7 +784,7 @@ def triplet_ranking(
     Examples
     --------
     >>> selected = sparse.csr_array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=bool)
-    >>> triplet_ranking(selected)
+    >>> triplet_ranking(selected, cross_layer_only=False)
     ([(0, 1, 2), (1, 2, 3), (0, 1, 3), (0, 2, 3)], array([2, 2, 1, 1]))
     """
     _, _, triplets, counts = _ranked_triplets(
@@ -797,7 +798,7 @@ def top_triplets(
     n: int | None = 20,
     *,
     n_experts: int | Sequence[int],
-    cross_layer_only: bool = True,
+    cross_layer_only: bool,
     min_count: int = 1,
     min_expert_frequency: float = 0.0,
     n_jobs: int | None = None,
@@ -814,7 +815,7 @@ def top_triplets(
     n_experts : int or sequence of int
         Routed experts per layer.
     cross_layer_only : bool
-        Keep only triplets from three different layers (default).
+        Keep only triplets from three different layers. Required.
     min_count, min_expert_frequency
         As in :func:`triplet_ranking`.
     n_jobs : int or None
@@ -832,8 +833,8 @@ def top_triplets(
     Examples
     --------
     >>> ids = np.array([[[0], [1], [0]], [[0], [1], [0]], [[1], [0], [1]]])  # 3 layers, top-1
-    >>> top_triplets(ids, 1, n_experts=2)[["expert_a", "expert_b", "expert_c", "count",
-    ...     "lift"]].to_dict("records")
+    >>> table = top_triplets(ids, 1, n_experts=2, cross_layer_only=True)
+    >>> table[["expert_a", "expert_b", "expert_c", "count", "lift"]].to_dict("records")
     [{'expert_a': 0, 'expert_b': 3, 'expert_c': 4, 'count': 2, 'lift': 2.25}]
     """
     if n is not None and (not isinstance(n, int | np.integer) or n < 1):
