@@ -557,6 +557,12 @@ def test_paper_tasks_offline_fail_early_in_one_line(tmp_path):
 
 
 def test_standard_table_uses_normalised_accuracy_where_the_task_has_it():
+    from moecollab.mask_set import MaskSet
+
+    mask_set = MaskSet()
+    mask_set.add(np.ones((1, 4), dtype=bool), method="caep", prune_ratio=0.25)
+    for seed in (0, 1):
+        mask_set.add(np.ones((1, 4), dtype=bool), method="random", prune_ratio=0.25, seed=seed)
     rows = []
     for mask, values in {"unpruned": (0.5, 0.6, 0.7), "caep@0.25": (0.4, 0.5, 0.6),
                          "random-s0@0.25": (0.2, 0.3, 0.4),
@@ -568,11 +574,15 @@ def test_standard_table_uses_normalised_accuracy_where_the_task_has_it():
                   "value": acc_norm},
                  {"mask": mask, "task": "winogrande", "kind": "task", "metric": "acc",
                   "value": winogrande}]
-    table = evaluation.standard_table(evaluation.add_method_columns(pd.DataFrame(rows)))
+    table = evaluation.standard_table(evaluation.add_method_columns(pd.DataFrame(rows),
+                                                                    mask_set))
     assert list(table.columns) == ["arc_challenge", "winogrande", "average"]
     assert table.loc[("unpruned", 0.0), "arc_challenge"] == pytest.approx(0.6)
     assert table.loc[("random", 0.25), "winogrande"] == pytest.approx(0.5)  # mean of seeds
     assert table.loc[("caep", 0.25), "average"] == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="does not hold: seer@0.25"):
+        evaluation.add_method_columns(pd.DataFrame({"mask": ["unpruned", "seer@0.25"]}),
+                                      mask_set)
 
 
 def test_exported_checkpoints_run_in_a_child_process_like_in_memory(model, tokenizer, task_dir,

@@ -79,13 +79,13 @@ def test_no_evaluation_text_reaches_the_pruning_dictionary(smoke_artifacts):
 
 
 def test_every_compared_method_keeps_the_same_number_of_experts(smoke_artifacts):
-    import pandas as pd
+    from moecollab.mask_set import MaskSet
 
-    catalogue = pd.read_csv(smoke_artifacts / "smoke" / "05_pruning" / "masks.csv")
+    catalogue = MaskSet.load(smoke_artifacts / "smoke" / "05_pruning").table
     compared = catalogue[catalogue["role"].isin(["method", "baseline"])]
     assert set(compared["method"]) == {"caep", "frequency", "seer", "reap", "output_impact",
                                        "random"}
-    assert (compared.groupby("ratio")["kept"].nunique() == 1).all()
+    assert (compared.groupby("prune_ratio")["kept"].nunique() == 1).all()
     reap = catalogue[catalogue["method"] == "reap"]
     assert (reap["scope"] == "per_layer").all()
     for per_layer in reap["kept_per_layer"]:  # REAP as published: the same count per layer

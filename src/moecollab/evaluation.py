@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from moecollab.artifacts import atomic_path, file_sha256, read_json, text_sha256, write_json
+from moecollab.mask_set import MaskSet, mask_name
 from moecollab.preflight import dataset_downloads_offline
 
 logger = logging.getLogger(__name__)
@@ -1378,7 +1379,7 @@ def exported_checkpoints(pruning_folder: str | os.PathLike) -> pd.DataFrame:
         files = {name: digest for name, digest in sorted(outputs.items())
                  if name.startswith(f"{path.name}/")}
         rows.append({
-            "mask": f"{info.get('method', path.name)}@{float(info.get('prune_ratio', 0.0)):g}",
+            "mask": mask_name(info.get("method", path.name), float(info.get("prune_ratio", 0.0))),
             "path": str(path),
             "uniform": len({len(ids) for ids in kept.values()}) <= 1,
             "key": text_sha256(json.dumps(files or config, sort_keys=True)),
@@ -1647,23 +1648,40 @@ def item_table(raw: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=_ITEM_COLUMNS)
 
 
-def add_method_columns(table: pd.DataFrame) -> pd.DataFrame:
-    """Add ``method`` and ``prune_ratio`` read from mask names such as ``random-s3@0.25``.
+def add_method_columns(table: pd.DataFrame, mask_set: MaskSet) -> pd.DataFrame:
+    """Add each row's ``method`` and ``prune_ratio``, looked up in the set its mask comes from.
 
-    ``random-s<seed>`` becomes ``random``, every ``domain-<field>`` becomes ``domain``, and a
-    name without ``@`` (``unpruned``) has ratio 0. Changes ``table`` in place and returns it.
+    Parameters
+    ----------
+    table : DataFrame
+        Results with a ``mask`` column (as from :func:`evaluate_masks`); ``unpruned`` is the
+        unpruned model and every other name must be a mask of ``mask_set``.
+    mask_set : MaskSet
+        Stage 05's masks (:meth:`moecollab.mask_set.MaskSet.load`).
+
+    Returns
+    -------
+    DataFrame
+        ``table``, changed in place: ``method`` and ``prune_ratio`` from the mask set's table
+        (the unpruned model: ``unpruned`` and 0), so every seed of ``random`` and every
+        calibration field of ``domain`` share their method.
 
     Examples
     --------
-    >>> table = add_method_columns(pd.DataFrame({"mask": ["unpruned", "random-s3@0.25"]}))
+    >>> import numpy as np
+    >>> mask_set = MaskSet()
+    >>> _ = mask_set.add(np.ones((1, 4), dtype=bool), method="random", prune_ratio=0.25, seed=3)
+    >>> table = add_method_columns(pd.DataFrame({"mask": ["unpruned", "random-s3@0.25"]}),
+    ...                            mask_set)
     >>> table["method"].tolist(), table["prune_ratio"].tolist()
     (['unpruned', 'random'], [0.0, 0.25])
     """
-    table["method"] = (table["mask"].str.split("@").str[0]
-                       .str.replace(r"-s\d+$", "", regex=True)      # random-s3 -> random
-                       .str.replace(r"^domain-.*$", "domain", regex=True))
-    table["prune_ratio"] = pd.to_numeric(table["mask"].str.split("@").str[1],
-                                         errors="coerce").fillna(0.0)
+    unknown = sorted(set(table["mask"]) - {"unpruned"} - set(mask_set))
+    if unknown:
+        raise ValueError(f"results name masks the mask set does not hold: {', '.join(unknown)}")
+    known = mask_set.table.set_index("name")
+    table["method"] = table["mask"].map(known["method"]).fillna("unpruned")
+    table["prune_ratio"] = table["mask"].map(known["prune_ratio"]).fillna(0.0)
     return table
 
 

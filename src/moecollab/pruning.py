@@ -66,7 +66,6 @@ __all__ = [
     "expert_scores",
     "jaccard_matrix",
     "keep_mask_from_scores",
-    "mask_catalogue_row",
     "load_pruned",
     "n_kept",
     "n_kept_in_all",
@@ -850,12 +849,3 @@ def jaccard_matrix(masks: Mapping[str, np.ndarray]) -> pd.DataFrame:
     union = sizes[:, None] + sizes[None, :] - intersection
     return pd.DataFrame(np.where(union > 0, intersection / np.maximum(union, 1), 1.0),
                         index=names, columns=names)
-
-
-def mask_catalogue_row(name: str, keep_mask: np.ndarray, **details: Any) -> dict[str, Any]:
-    """One row describing a keep-mask: its name, details, experts kept in all and per layer."""
-    keep_mask = np.asarray(keep_mask, dtype=bool)
-    per_layer = keep_mask.sum(axis=1)
-    return {"name": name, **details, "kept": int(keep_mask.sum()),
-            "kept_share": float(keep_mask.mean()), "min_kept_in_a_layer": int(per_layer.min()),
-            "kept_per_layer": " ".join(str(int(n)) for n in per_layer)}
