@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -111,6 +112,36 @@ def test_the_embedded_source_reads_the_corpus_as_before():
     assert (calibration["split"] == "validation").all()
     with pytest.raises(ValueError, match="data_source must be one of embedded, paper"):
         sources.analysis_entries("mmlu", domains=["law"])
+
+
+def test_stages_05_and_06_keep_to_the_study_fields(tmp_path):
+    """A three-field study calibrates and evaluates on those three fields, not the corpus's."""
+    folder = tmp_path / "00_model"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(
+        {"parameters": {"domains": ["physics", "law", "biology"]}}))
+    fields = sources.study_fields(folder)
+    assert fields == ["physics", "law", "biology"]
+    calibration, domains = sources.calibration_entries("embedded", fields=fields)
+    assert domains == ["biology", "law", "physics"]  # sorted, as with every field
+    assert set(calibration["domain"]) == set(domains)
+    everything, _ = sources.calibration_entries("embedded")
+    pd.testing.assert_frame_equal(calibration, everything[everything["domain"].isin(domains)])
+
+    items = pd.DataFrame({"item_id": ["a", "b"], "domain": ["law", "history"],
+                          "split": "test", "question": "q", "choices": [["x", "y"]] * 2,
+                          "answer": 0})
+    items.to_parquet(tmp_path / "mcq.parquet")
+    kept, texts = sources.evaluation_data("embedded", mcq_items=tmp_path / "mcq.parquet",
+                                          n_perplexity_entries=2, fields=fields)
+    assert kept["item_id"].tolist() == ["a"] and sorted(texts) == domains
+    _, all_texts = sources.evaluation_data("embedded", mcq_items=tmp_path / "mcq.parquet",
+                                           n_perplexity_entries=2)
+    assert {field: all_texts[field] for field in domains} == texts  # the same texts per field
+    with pytest.raises(ValueError, match="unknown \\['astrology'\\]"):
+        sources.calibration_entries("embedded", fields=["law", "astrology"])
+    (folder / "manifest.json").write_text(json.dumps({"parameters": {}}))
+    assert sources.study_fields(folder) is None  # older artifacts: every field
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ paper's MMLU-Pro and MMLU (:mod:`moecollab.data.paper`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,13 +59,39 @@ def analysis_entries(data_source: str, *, domains: Sequence[str], split: str = "
     return corpus[corpus["split"].isin(SPLIT_GROUPS.get(split, (split,)))]
 
 
+def study_fields(model_folder: str | os.PathLike) -> list[str] | None:
+    """The corpus fields of the study: stage 00's ``domains``, read from its manifest.
+
+    Stage 00 trains on (and checks routing with) these fields and stage 01 captures them, so
+    stages 05 and 06 calibrate and evaluate on the same ones. None when the manifest does not
+    record them (artifacts written before the parameter existed): every field.
+    """
+    manifest = json.loads((Path(model_folder) / "manifest.json").read_text())
+    fields = manifest.get("parameters", {}).get("domains")
+    return list(fields) if fields else None
+
+
+def _fields_of(corpus: pd.DataFrame, fields: Sequence[str] | None) -> list[str]:
+    """The corpus's fields, sorted, restricted to ``fields`` (which must all exist)."""
+    available = sorted(corpus["domain"].unique())
+    if fields is None:
+        return available
+    unknown = sorted(set(fields) - set(available))
+    if unknown or not fields:
+        raise ValueError(f"fields must be a non-empty list of the corpus's fields; got "
+                         f"{list(fields)!r}, unknown {unknown}; fields: {', '.join(available)}")
+    return [field for field in available if field in set(fields)]
+
+
 def calibration_entries(data_source: str, *, split: str = "validation",
-                        paper_data_dir: str = "", cache_dir: str | os.PathLike | None = None
+                        paper_data_dir: str = "", cache_dir: str | os.PathLike | None = None,
+                        fields: Sequence[str] | None = None
                         ) -> tuple[pd.DataFrame, list[str]]:
     """The calibration entries of stage 05 and the fields of its per-field masks.
 
-    ``embedded``: the corpus's ``split`` and all its fields. ``paper``: MMLU's questions of the
-    paper's five fields, without those MMLU-Pro holds out for evaluation.
+    ``embedded``: the corpus's ``split`` in ``fields`` (default: every field; the stages pass
+    the study's, `study_fields`). ``paper``: MMLU's questions of the paper's five fields,
+    without those MMLU-Pro holds out for evaluation (``fields`` does not apply).
     """
     _check(data_source)
     if data_source == "paper":
@@ -73,14 +100,16 @@ def calibration_entries(data_source: str, *, split: str = "validation",
         mmlu = paper.load_mmlu(paper_data_dir, cache_dir=cache_dir)
         return paper.calibration_entries(mmlu, mmlu_pro), list(paper.FIELDS)
     corpus = load_corpus()
-    return corpus[corpus["split"] == split], sorted(corpus["domain"].unique())
+    chosen = _fields_of(corpus, fields)
+    return corpus[(corpus["split"] == split) & corpus["domain"].isin(chosen)], chosen
 
 
 def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
                     n_perplexity_entries: int, seed: int = 0, paper_data_dir: str = "",
                     cache_dir: str | os.PathLike | None = None,
                     cloze_items: str | os.PathLike | None = None,
-                    families: Sequence[str] = ("mcq",)
+                    families: Sequence[str] = ("mcq",),
+                    fields: Sequence[str] | None = None
                     ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Stage 06's multiple-choice items and, per field, the texts whose perplexity it measures.
 
@@ -89,7 +118,8 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
     ``word`` (word cloze, made from ``cloze_items`` with options of the same field, seeded by
     ``seed``), and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as
     ``mcq`` items (split ``test``) and, with their options, as texts. Items carry a ``family``
-    column.
+    column. ``fields`` (embedded; default every field) restricts items and texts to the study's
+    fields (`study_fields`).
     """
     _check(data_source)
     if isinstance(families, str) or not families:
@@ -118,7 +148,10 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
         tables.append(table.assign(family=family))
     items = pd.concat(tables, ignore_index=True)
     corpus = load_corpus()
+    chosen = _fields_of(corpus, fields)
+    items = items[items["domain"].isin(chosen)].reset_index(drop=True)
     held_out = corpus[corpus["split"] == "test"].sample(frac=1.0, random_state=seed)
+    held_out = held_out[held_out["domain"].isin(chosen)]
     texts = {domain: rows["text"].head(n_perplexity_entries).tolist()
              for domain, rows in held_out.groupby("domain")}
     return items, texts
