@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 
 from moecollab import claims
@@ -169,3 +170,16 @@ def test_claim_6_ties_and_reversals():
                                        metric="acc").verdict == SUPPORTS
     assert claims.domain_pruning_claim(Interval(NAN, NAN, NAN), small, TIED,
                                        metric="acc").verdict == NOT_JUDGED
+
+
+def test_accuracy_evidence_names_the_judged_item_family():
+    """The reason names the family it was read on (passed in, not parsed from task names)."""
+    from moecollab.data.sources import ITEM_FAMILIES
+
+    local = pd.DataFrame({"mask": ["u", "c"], "task": ["t", "t"], "n_choices": [4, 4]})
+    assert set(claims.ITEM_FAMILY_LABELS) == set(ITEM_FAMILIES)
+    label = claims.accuracy_evidence(local, ["moecollab_word_law_held_out"], None, ["u", "c"],
+                                     metric="acc", family="word")["label"]
+    assert label == "acc, the corpus's word cloze items on held-out entries"
+    with pytest.raises(ValueError, match="family must be one of mcq, cloze, word"):
+        claims.accuracy_evidence(local, ["t"], None, ["u", "c"], family="gap")

@@ -127,9 +127,15 @@ def accuracy_is_informative(unpruned: Interval, chance: float) -> bool:
     return not _is_nan(unpruned.low) and unpruned.low > chance
 
 
+#: How a reason names the corpus's items of each family (moecollab.data.sources.ITEM_FAMILIES).
+ITEM_FAMILY_LABELS = {"mcq": "multiple-choice items",
+                      "cloze": "field cloze items", "word": "word cloze items"}
+
+
 def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
                       standard_items: pd.DataFrame | None,
-                      models: Sequence[str], metric: str = "acc_norm") -> dict[str, object]:
+                      models: Sequence[str], metric: str = "acc_norm",
+                      family: str = "mcq") -> dict[str, object]:
     """Which accuracy claims 5a/5b are read on: the paper's standard tasks when every compared
     model was evaluated on them, the corpus multiple choice (read by ``metric``) otherwise.
 
@@ -145,7 +151,8 @@ def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
     >>> standard = pd.DataFrame({"mask": ["u"], "task": ["arc"], "n_choices": [4]})
     >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
     ['mcq']
-    >>> accuracy_evidence(local, ["moecollab_cloze_law_held_out"], None, ["u", "c"])["label"]
+    >>> accuracy_evidence(local, ["moecollab_cloze_law_held_out"], None, ["u", "c"],
+    ...                   family="cloze")["label"]
     "acc_norm, the corpus's field cloze items on held-out entries"
     >>> standard = pd.concat([standard, standard.assign(mask="c")])
     >>> accuracy_evidence(local, ["mcq"], standard, ["u", "c"])["tasks"]
@@ -158,10 +165,11 @@ def accuracy_evidence(local_items: pd.DataFrame, local_tasks: Sequence[str],
             return {"items": standard_items, "tasks": tasks, "metric": PAPER_ACCURACY,
                     "label": "accuracy (acc_norm, acc where a task has none), the paper's "
                              "standard tasks"}
-    kind = ("field cloze items" if all("_cloze_" in task for task in local_tasks)
-            else "multiple-choice items")
+    if family not in ITEM_FAMILY_LABELS:
+        raise ValueError(f"family must be one of {', '.join(ITEM_FAMILY_LABELS)}; got "
+                         f"{family!r}")
     return {"items": local_items, "tasks": list(local_tasks), "metric": metric,
-            "label": f"{metric}, the corpus's {kind} on held-out entries"}
+            "label": f"{metric}, the corpus's {ITEM_FAMILY_LABELS[family]} on held-out entries"}
 
 
 # --------------------------------------------------------------------------------------------
