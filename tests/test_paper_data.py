@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from tiny_datasets import write_tiny_paper_data
 
 from moecollab import evaluation, preflight, runner
+from moecollab.artifacts import Manifest
 from moecollab.data import load_corpus, paper, sources
 from moecollab.params import ParameterError
 
@@ -118,8 +118,11 @@ def test_stages_05_and_06_keep_to_the_study_fields(tmp_path):
     """A three-field study calibrates and evaluates on those three fields, not the corpus's."""
     folder = tmp_path / "00_model"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps(
-        {"parameters": {"domains": ["physics", "law", "biology"]}}))
+    def manifest(parameters):
+        Manifest(stage="00_model", profile="test", key="k", parameters=parameters, inputs={},
+                 outputs={}).save(folder)
+
+    manifest({"domains": ["physics", "law", "biology"]})
     fields = sources.study_fields(folder)
     assert fields == ["physics", "law", "biology"]
     calibration, domains = sources.calibration_entries("embedded", fields=fields)
@@ -140,7 +143,7 @@ def test_stages_05_and_06_keep_to_the_study_fields(tmp_path):
     assert {field: all_texts[field] for field in domains} == texts  # the same texts per field
     with pytest.raises(ValueError, match="unknown \\['astrology'\\]"):
         sources.calibration_entries("embedded", fields=["law", "astrology"])
-    (folder / "manifest.json").write_text(json.dumps({"parameters": {}}))
+    manifest({})
     assert sources.study_fields(folder) is None  # older artifacts: every field
 
 

@@ -15,13 +15,13 @@ paper's MMLU-Pro and MMLU (:mod:`moecollab.data.paper`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from ..artifacts import Manifest
 from . import paper
 from .corpus import load_corpus
 from .word_cloze import make_word_cloze_items
@@ -66,8 +66,7 @@ def study_fields(model_folder: str | os.PathLike) -> list[str] | None:
     stages 05 and 06 calibrate and evaluate on the same ones. None when the manifest does not
     record them (artifacts written before the parameter existed): every field.
     """
-    manifest = json.loads((Path(model_folder) / "manifest.json").read_text())
-    fields = manifest.get("parameters", {}).get("domains")
+    fields = Manifest.load(model_folder).parameters.get("domains")
     return list(fields) if fields else None
 
 
@@ -80,7 +79,7 @@ def _fields_of(corpus: pd.DataFrame, fields: Sequence[str] | None) -> list[str]:
     if unknown or not fields:
         raise ValueError(f"fields must be a non-empty list of the corpus's fields; got "
                          f"{list(fields)!r}, unknown {unknown}; fields: {', '.join(available)}")
-    return [field for field in available if field in set(fields)]
+    return [field for field in available if field in fields]
 
 
 def calibration_entries(data_source: str, *, split: str = "validation",
