@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export MPLBACKEND = Agg
 
-.PHONY: help install study smoke test book pdf lint bench reference clean browser
+.PHONY: help install study smoke test e2e book pdf lint bench reference clean browser
 TEX_PACKAGES := texlive-xetex latexmk texlive-latex-extra texlive-fonts-recommended \
                 fonts-freefont-otf texlive-plain-generic poppler-utils
 BROWSER_PACKAGES := chromium chromium-driver
@@ -39,6 +39,9 @@ smoke: $(STAMP)  ## the whole path at tiny sizes, then the book from it
 test: $(STAMP) browser  ## ruff, then the test suite (smoke profile, strict book build, browser)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest
+
+e2e: $(STAMP)  ## the long end-to-end runs: a second smoke run from scratch, three real profiles
+	$(PY) -m pytest -m e2e
 
 book: $(STAMP)  ## rebuild the book from PROFILE's executed notebooks
 	$(PY) -m moecollab book --profile $(PROFILE)

@@ -174,6 +174,7 @@ def test_stage_00_loads_and_checks_a_pretrained_checkpoint(smoke_artifacts, tmp_
     assert loaded["trained"] == trained["trained"]  # the same model gives the same routing
 
 
+@pytest.mark.e2e  # a second whole smoke run: make e2e
 def test_a_second_run_from_scratch_gives_identical_outputs(smoke_artifacts, tmp_path):
     # Same profile, same seeds, a fresh artifacts folder (and so a fresh evaluation cache):
     # every table, mask, checkpoint and figure must come out byte for byte the same.
