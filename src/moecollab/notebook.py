@@ -1,7 +1,16 @@
-"""Helpers for the stage notebooks."""
+"""Helpers for the stage notebooks: glueing values for the book, and a stage's handle.
+
+A chapter opens its stage once (:func:`open_stage`) and then reads earlier stages' folders,
+saves figures and tables, and records its claims through the handle, so its cells show the
+analysis and not the bookkeeping of paths, files and glue names.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,3 +97,89 @@ class _PlainText:
 
     def __repr__(self) -> str:
         return self.text
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage notebook's handle: its output folder, its inputs, and what it records.
+
+    Made by :func:`open_stage`. Every method writes through :mod:`moecollab.artifacts`, so
+    files are atomic and byte-stable, and glues with :func:`glue`, so the book shows them.
+    """
+
+    name: str
+    profile: str
+    artifacts_root: Path | None
+    out: Path
+
+    def input(self, stage: str) -> Path:
+        """The verified folder of an earlier stage (a clear error naming the stage to run)."""
+        from . import artifacts
+
+        return artifacts.load_stage(self.profile, stage, self.artifacts_root)
+
+    @cached_property
+    def routing_healthy(self) -> bool:
+        """Stage 00's routing-health verdict: structure claims are judged only when it passed."""
+        from . import artifacts, claims
+
+        return claims.routing_health_passed(
+            artifacts.read_json(self.input("00_model") / "verdict.json"))
+
+    def figure(self, glue_name: str, figure, file: str, *, data=None) -> Path:
+        """Save ``figure`` as ``file`` (PNG, with the CSV of its data beside it) and glue it."""
+        from . import artifacts
+
+        path = artifacts.save_figure(self.out / file, figure, data=data)
+        glue(glue_name, figure)
+        return path
+
+    def table(self, file: str, table):
+        """Write ``table`` as ``file`` (.csv or .parquet) and return it, for the cell to show."""
+        from . import artifacts
+
+        artifacts.write_table(self.out / file, table)
+        return table
+
+    def glue(self, **values: Any) -> None:
+        """Glue several values for the chapter's text at once (not displayed in place)."""
+        for name, value in values.items():
+            glue(name, value)
+
+    def record_claims(self, **verdicts) -> None:
+        """Write the chapter's verdicts to ``claims.json`` and glue each one's text.
+
+        A verdict recorded as ``coverage`` is written under that key and glued as
+        ``claim_coverage_verdict`` and ``claim_coverage_reason``, for the chapter's prose.
+        """
+        from . import artifacts
+
+        for key, verdict in verdicts.items():
+            glue(f"claim_{key}_verdict", verdict.verdict)
+            glue(f"claim_{key}_reason", verdict.reason)
+        artifacts.write_json(self.out / "claims.json",
+                             {key: verdict.__dict__ for key, verdict in verdicts.items()})
+
+
+def open_stage(name: str, profile: str, artifacts_root: str | os.PathLike | None = None,
+               output_dir: str | os.PathLike = "") -> Stage:
+    """The handle of stage ``name``, with its output folder made.
+
+    ``output_dir`` is where the runner wants this run's outputs (a temporary folder it moves
+    into place when the stage succeeds); empty, as when a reader runs the notebook by hand, it
+    is the stage's folder under ``artifacts_root``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> stage = open_stage("02_coactivation", "demo", root)
+    >>> stage.out == root / "demo" / "02_coactivation", stage.out.is_dir()
+    (True, True)
+    """
+    from . import artifacts
+
+    root = Path(artifacts_root) if artifacts_root else None
+    out = Path(output_dir) if output_dir else artifacts.stage_dir(profile, name, root)
+    out.mkdir(parents=True, exist_ok=True)
+    return Stage(name=name, profile=profile, artifacts_root=root, out=out)
