@@ -61,8 +61,8 @@ def test_a_figure_is_saved_with_its_data_and_glued_as_an_image(tmp_path, capture
     stage = open_stage("02_coactivation", "demo", tmp_path)
     figure, axis = plt.subplots()
     axis.bar(["a", "b"], [3, 5])
-    path = stage.figure("fig_counts", figure, "counts.png")
-    assert path == stage.out / "counts.png" and path.read_bytes().startswith(b"\x89PNG")
+    assert stage.figure("fig_counts", figure, "counts.png") is None  # no path on the page
+    assert (stage.out / "counts.png").read_bytes().startswith(b"\x89PNG")
     assert (stage.out / "counts.csv").is_file()
     (output,) = captured.outputs
     assert output.metadata["scrapbook"]["name"] == "fig_counts"
@@ -103,3 +103,10 @@ def test_claims_are_written_under_their_keys_and_glued_for_the_prose(tmp_path, c
                     "claim_coverage_reason": coverage.reason,
                     "claim_domain_similarity_verdict": similarity.verdict,
                     "claim_domain_similarity_reason": similarity.reason}
+
+
+def test_json_is_written_key_sorted_and_nothing_is_returned_to_show(tmp_path):
+    stage = open_stage("00_model", "demo", tmp_path)
+    assert stage.write_json("verdict.json", {"text": "ok", "healthy": True}) is None
+    assert (stage.out / "verdict.json").read_text() == \
+        '{\n  "healthy": true,\n  "text": "ok"\n}\n'

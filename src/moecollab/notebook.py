@@ -126,13 +126,15 @@ class Stage:
         return claims.routing_health_passed(
             artifacts.read_json(self.input("00_model") / "verdict.json"))
 
-    def figure(self, glue_name: str, figure, file: str, *, data=None) -> Path:
-        """Save ``figure`` as ``file`` (PNG, with the CSV of its data beside it) and glue it."""
+    def figure(self, glue_name: str, figure, file: str, *, data=None) -> None:
+        """Save ``figure`` as ``file`` (PNG, with the CSV of its data beside it) and glue it.
+
+        Returns nothing, so that a cell ending with it shows no path.
+        """
         from . import artifacts
 
-        path = artifacts.save_figure(self.out / file, figure, data=data)
+        artifacts.save_figure(self.out / file, figure, data=data)
         glue(glue_name, figure)
-        return path
 
     def table(self, file: str, table):
         """Write ``table`` as ``file`` (.csv or .parquet) and return it, for the cell to show."""
@@ -140,6 +142,12 @@ class Stage:
 
         artifacts.write_table(self.out / file, table)
         return table
+
+    def write_json(self, file: str, obj: Any) -> None:
+        """Write ``obj`` as ``file``, key-sorted JSON (returns nothing: no path on the page)."""
+        from . import artifacts
+
+        artifacts.write_json(self.out / file, obj)
 
     def glue(self, **values: Any) -> None:
         """Glue several values for the chapter's text at once (not displayed in place)."""
@@ -152,13 +160,11 @@ class Stage:
         A verdict recorded as ``coverage`` is written under that key and glued as
         ``claim_coverage_verdict`` and ``claim_coverage_reason``, for the chapter's prose.
         """
-        from . import artifacts
 
         for key, verdict in verdicts.items():
             glue(f"claim_{key}_verdict", verdict.verdict)
             glue(f"claim_{key}_reason", verdict.reason)
-        artifacts.write_json(self.out / "claims.json",
-                             {key: verdict.__dict__ for key, verdict in verdicts.items()})
+        self.write_json("claims.json", {key: verdict.__dict__ for key, verdict in verdicts.items()})
 
 
 def open_stage(name: str, profile: str, artifacts_root: str | os.PathLike | None = None,
