@@ -10,7 +10,7 @@ import pytest
 from tiny_datasets import write_tiny_paper_data
 
 from moecollab import evaluation, preflight, runner
-from moecollab.artifacts import Manifest
+from moecollab.artifacts import Manifest, write_table
 from moecollab.data import load_corpus, paper, sources
 from moecollab.params import ParameterError
 
@@ -79,7 +79,7 @@ def test_calibration_never_contains_an_evaluated_question(paper_dir, tmp_path):
 
 
 def test_evaluation_items_are_held_out_questions_lm_eval_can_read(paper_dir, tmp_path):
-    items, texts = sources.evaluation_data("paper", mcq_items=None, n_perplexity_entries=3,
+    items, texts = sources.evaluation_data("paper", n_perplexity_entries=3,
                                            paper_data_dir=str(paper_dir), cache_dir=tmp_path)
     mmlu_pro = paper.load_mmlu_pro(str(paper_dir), cache_dir=tmp_path)
     held_out = mmlu_pro[mmlu_pro["split"] == "held_out"]
@@ -133,12 +133,12 @@ def test_stages_05_and_06_keep_to_the_study_fields(tmp_path):
 
     items = pd.DataFrame({"item_id": ["a", "b"], "domain": ["law", "history"],
                           "split": "test", "question": "q", "choices": [["x", "y"]] * 2,
-                          "answer": 0})
-    items.to_parquet(tmp_path / "mcq.parquet")
-    kept, texts = sources.evaluation_data("embedded", mcq_items=tmp_path / "mcq.parquet",
+                          "answer": 0, "entry_id": ["e1", "e2"]})
+    sources.write_items(folder, "mcq", items)
+    kept, texts = sources.evaluation_data("embedded", model_folder=folder,
                                           n_perplexity_entries=2, fields=fields)
     assert kept["item_id"].tolist() == ["a"] and sorted(texts) == domains
-    _, all_texts = sources.evaluation_data("embedded", mcq_items=tmp_path / "mcq.parquet",
+    _, all_texts = sources.evaluation_data("embedded", model_folder=folder,
                                            n_perplexity_entries=2)
     assert {field: all_texts[field] for field in domains} == texts  # the same texts per field
     with pytest.raises(ValueError, match="unknown \\['astrology'\\]"):
@@ -216,14 +216,54 @@ def test_a_local_copy_with_a_missing_column_is_named(paper_dir, tmp_path):
                                                     "paper_data_dir": str(broken)}})
 
 
+def _cloze_items() -> pd.DataFrame:
+    """Two field cloze items as stage 00 keeps them: one held-out group, the entry's split kept."""
+    return pd.DataFrame({"item_id": ["c1", "c2"], "domain": ["law", "law"],
+                         "split": "held_out", "term": "Tort", "question": ["A wrong", "A writ"],
+                         "choices": [["civil", "star"], ["court", "leaf"]], "answer": [0, 0],
+                         "entry_id": ["e1", "e2"], "entry_split": ["validation", "test"]})
+
+
+def test_stage_00_items_are_written_as_before_and_read_back(tmp_path):
+    items = _cloze_items()
+    path = sources.write_items(tmp_path, "cloze", items)
+    assert path == tmp_path / "cloze_items.parquet"
+    # The bytes stage 00 wrote before the items had a reader of their own.
+    write_table(tmp_path / "old.parquet", items)
+    assert path.read_bytes() == (tmp_path / "old.parquet").read_bytes()
+    pd.testing.assert_frame_equal(sources.read_items(tmp_path, "cloze"), pd.read_parquet(path))
+    assert sources.read_items(tmp_path, "cloze", columns=["entry_split"]).columns.tolist() == [
+        "entry_split"]
+    assert sources.evaluated_entry_splits(tmp_path) == {"validation", "test"}
+    assert sources.evaluated_entry_splits(tmp_path / "older") == set()  # no cloze items yet
+
+
+def test_items_without_their_columns_or_family_are_refused(tmp_path):
+    items = _cloze_items()
+    with pytest.raises(ValueError, match=r"cloze items lacks column\(s\) entry_split of cloze "
+                                         "items; expected item_id, domain, split, question, "
+                                         "choices, answer, entry_id, entry_split"):
+        sources.write_items(tmp_path, "cloze", items.drop(columns="entry_split"))
+    sources.write_items(tmp_path, "mcq", items.drop(columns="entry_split"))  # mcq: not needed
+    items.drop(columns=["answer", "entry_id"]).to_parquet(tmp_path / "cloze_items.parquet")
+    with pytest.raises(ValueError, match=r"cloze_items.parquet lacks column\(s\) answer, "
+                                         "entry_id of cloze items"):
+        sources.read_items(tmp_path, "cloze")
+    with pytest.raises(ValueError, match="family must be one of mcq, cloze .*; got 'word'"):
+        sources.read_items(tmp_path, "word")
+    with pytest.raises(FileNotFoundError, match="no mcq_items.parquet in .*; run stage 00_model"):
+        sources.read_items(tmp_path / "elsewhere", "mcq")
+
+
 def test_embedded_evaluation_items_come_by_family(tmp_path, paper_dir):
     mcq = pd.DataFrame({"item_id": ["m1"], "domain": ["law"], "split": ["test"],
-                        "question": ["Tort"], "choices": [["a", "b"]], "answer": [0]})
-    cloze = mcq.assign(item_id="c1", split="held_out")
-    mcq.to_parquet(tmp_path / "mcq.parquet")
-    cloze.to_parquet(tmp_path / "cloze.parquet")
-    files = {"mcq_items": tmp_path / "mcq.parquet", "cloze_items": tmp_path / "cloze.parquet",
-             "n_perplexity_entries": 2}
+                        "question": ["Tort"], "choices": [["a", "b"]], "answer": [0],
+                        "entry_id": ["e1"]})
+    cloze = mcq.assign(item_id="c1", split="held_out", entry_split="test")
+    model_folder = tmp_path / "00_model"
+    sources.write_items(model_folder, "mcq", mcq)
+    sources.write_items(model_folder, "cloze", cloze)
+    files = {"model_folder": model_folder, "n_perplexity_entries": 2}
     items, texts = sources.evaluation_data("embedded", families=["cloze"], **files)
     assert items[["item_id", "family"]].values.tolist() == [["c1", "cloze"]]
     assert all(len(field) == 2 for field in texts.values())
@@ -233,19 +273,22 @@ def test_embedded_evaluation_items_come_by_family(tmp_path, paper_dir):
     law = pd.DataFrame({"item_id": [f"c{i}" for i in range(4)], "domain": "law",
                         "split": "held_out", "question": "Tort",
                         "choices": [[w, "x", "y", "z"] for w in ("writ", "jury", "bail", "tort")],
-                        "answer": 0})
-    law.to_parquet(tmp_path / "law.parquet")
-    word, _ = sources.evaluation_data("embedded", families=["word"], mcq_items=None,
-                                      cloze_items=tmp_path / "law.parquet",
-                                      n_perplexity_entries=2)
+                        "answer": 0, "entry_id": [f"e{i}" for i in range(4)],
+                        "entry_split": "test"})
+    sources.write_items(tmp_path / "law", "cloze", law)
+    word, _ = sources.evaluation_data("embedded", families=["word"],
+                                      model_folder=tmp_path / "law", n_perplexity_entries=2)
     assert word["family"].unique().tolist() == ["word"]
     assert all(sorted(choices) == ["bail", "jury", "tort", "writ"] for choices in word["choices"])
     with pytest.raises(ValueError, match="unknown item families"):
         sources.evaluation_data("embedded", families=["gap"], **files)
-    with pytest.raises(ValueError, match="needs its items file"):
-        sources.evaluation_data("embedded", families=["cloze"], mcq_items=None,
+    with pytest.raises(ValueError, match="data_source 'embedded' needs model_folder"):
+        sources.evaluation_data("embedded", families=["cloze"], n_perplexity_entries=2)
+    with pytest.raises(FileNotFoundError, match="no mcq_items.parquet in .*law; run stage "
+                                                "00_model"):
+        sources.evaluation_data("embedded", families=["mcq"], model_folder=tmp_path / "law",
                                 n_perplexity_entries=2)
     with pytest.raises(ValueError, match="multiple-choice questions only"):
-        sources.evaluation_data("paper", families=["cloze"], mcq_items=None,
+        sources.evaluation_data("paper", families=["cloze"],
                                 n_perplexity_entries=2, paper_data_dir=str(paper_dir),
                                 cache_dir=tmp_path)

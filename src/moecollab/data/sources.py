@@ -9,6 +9,10 @@ makes them):
   fields the per-field masks are made for;
 - :func:`evaluation_data` (stage 06): multiple-choice items and perplexity texts per field.
 
+The embedded items are made once, in stage 00, and kept in its folder: :func:`write_items`
+writes them there and :func:`read_items` reads them back (checking their columns), so no later
+stage names stage 00's files.
+
 ``embedded`` is this study's dictionary corpus (:mod:`moecollab.data.corpus`), ``paper`` the
 paper's MMLU-Pro and MMLU (:mod:`moecollab.data.paper`).
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..artifacts import Manifest
+from ..artifacts import Manifest, write_table
 from . import paper
 from .corpus import load_corpus
 from .word_cloze import make_word_cloze_items
@@ -32,6 +36,12 @@ DATA_SOURCES = ("embedded", "paper")
 #: from other fields), ``word`` for that word among words of the same field
 #: (:mod:`moecollab.data.word_cloze`, made here from the ``cloze`` items).
 ITEM_FAMILIES = ("mcq", "cloze", "word")
+#: Stage 00's file of each family of embedded items (``word`` items are made from ``cloze``).
+ITEM_FILES = {"mcq": "mcq_items.parquet", "cloze": "cloze_items.parquet"}
+#: The columns every item has (what lm-eval's task files and the bootstrap clusters read);
+#: cloze items also keep their entry's own corpus split.
+ITEM_COLUMNS = ("item_id", "domain", "split", "question", "choices", "answer", "entry_id")
+_FAMILY_COLUMNS = {"mcq": ITEM_COLUMNS, "cloze": (*ITEM_COLUMNS, "entry_split")}
 #: Corpus splits named by stage 01's ``split`` parameter beyond the three real ones.
 SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": ("train", "validation", "test")}
 
@@ -70,6 +80,59 @@ def study_fields(model_folder: str | os.PathLike) -> list[str] | None:
     return list(fields) if fields else None
 
 
+def _check_item_family(family: str) -> None:
+    if family not in ITEM_FILES:
+        raise ValueError(f"family must be one of {', '.join(ITEM_FILES)} (the families stage "
+                         f"00 writes); got {family!r}")
+
+
+def _check_item_columns(items: pd.DataFrame, family: str, where: str) -> None:
+    missing = [column for column in _FAMILY_COLUMNS[family] if column not in items.columns]
+    if missing:
+        raise ValueError(f"{where} lacks column(s) {', '.join(missing)} of {family} items; "
+                         f"expected {', '.join(_FAMILY_COLUMNS[family])}")
+
+
+def write_items(model_folder: str | os.PathLike, family: str, items: pd.DataFrame) -> Path:
+    """Write stage 00's items of ``family`` (``mcq`` or ``cloze``) into its folder, atomically.
+
+    ``items`` must have :data:`ITEM_COLUMNS` (cloze items also ``entry_split``), as
+    :func:`moecollab.data.make_mcq_items` and :func:`moecollab.data.make_cloze_items` make
+    them; the file is Parquet, written as :func:`moecollab.artifacts.write_table` writes it.
+    Returns its path.
+    """
+    _check_item_family(family)
+    _check_item_columns(items, family, f"{family} items")
+    return write_table(Path(model_folder) / ITEM_FILES[family], items)
+
+
+def read_items(model_folder: str | os.PathLike, family: str,
+               columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The items of ``family`` (``mcq`` or ``cloze``) that stage 00 wrote in ``model_folder``.
+
+    All columns, or only ``columns``. Raises FileNotFoundError (naming stage 00) when the file
+    is missing and ValueError when it lacks a column every item of the family has.
+    """
+    _check_item_family(family)
+    path = Path(model_folder) / ITEM_FILES[family]
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ITEM_FILES[family]} in {model_folder}; run stage 00_model")
+    items = pd.read_parquet(path)
+    _check_item_columns(items, family, str(path))
+    return items if columns is None else items[list(columns)]
+
+
+def evaluated_entry_splits(model_folder: str | os.PathLike) -> set[str]:
+    """The corpus splits of the entries that stage 00's cloze items ask about.
+
+    Stage 06 evaluates on these items, so stage 05 must not calibrate on those splits. Empty
+    when stage 00 wrote no cloze items (artifacts from before they existed).
+    """
+    if not (Path(model_folder) / ITEM_FILES["cloze"]).is_file():
+        return set()
+    return set(read_items(model_folder, "cloze", columns=["entry_split"])["entry_split"])
+
+
 def _fields_of(corpus: pd.DataFrame, fields: Sequence[str] | None) -> list[str]:
     """The corpus's fields, sorted, restricted to ``fields`` (which must all exist)."""
     available = sorted(corpus["domain"].unique())
@@ -103,22 +166,21 @@ def calibration_entries(data_source: str, *, split: str = "validation",
     return corpus[(corpus["split"] == split) & corpus["domain"].isin(chosen)], chosen
 
 
-def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
+def evaluation_data(data_source: str, *, model_folder: str | os.PathLike | None = None,
                     n_perplexity_entries: int, seed: int = 0, paper_data_dir: str = "",
                     cache_dir: str | os.PathLike | None = None,
-                    cloze_items: str | os.PathLike | None = None,
                     families: Sequence[str] = ("mcq",),
                     fields: Sequence[str] | None = None
                     ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Stage 06's multiple-choice items and, per field, the texts whose perplexity it measures.
 
-    ``embedded``: the items of each family in ``families``: ``mcq`` (term to definition, the
-    Parquet file ``mcq_items`` stage 00 wrote), ``cloze`` (field cloze, ``cloze_items``) and
-    ``word`` (word cloze, made from ``cloze_items`` with options of the same field, seeded by
-    ``seed``), and the corpus's test entries. ``paper``: MMLU-Pro's held-out questions, as
-    ``mcq`` items (split ``test``) and, with their options, as texts. Items carry a ``family``
-    column. ``fields`` (embedded; default every field) restricts items and texts to the study's
-    fields (`study_fields`).
+    ``embedded``: the items of each family in ``families`` that stage 00 wrote in
+    ``model_folder`` (:func:`read_items`): ``mcq`` (term to definition), ``cloze`` (field
+    cloze) and ``word`` (word cloze, made from the cloze items with options of the same field,
+    seeded by ``seed``), and the corpus's test entries. ``paper``: MMLU-Pro's held-out
+    questions, as ``mcq`` items (split ``test``) and, with their options, as texts
+    (``model_folder`` does not apply). Items carry a ``family`` column. ``fields`` (embedded;
+    default every field) restricts items and texts to the study's fields (`study_fields`).
     """
     _check(data_source)
     if isinstance(families, str) or not families:
@@ -133,14 +195,12 @@ def evaluation_data(data_source: str, *, mcq_items: str | os.PathLike | None,
         mmlu_pro = paper.load_mmlu_pro(paper_data_dir, cache_dir=_required(cache_dir))
         return (paper.evaluation_items(mmlu_pro).assign(family="mcq"),
                 paper.evaluation_texts(mmlu_pro, n_perplexity_entries, seed=seed))
-    files = {"mcq": mcq_items, "cloze": cloze_items, "word": cloze_items}
+    if model_folder is None:
+        raise ValueError("data_source 'embedded' needs model_folder (stage 00's folder, which "
+                         "holds the items)")
     tables = []
     for family in families:
-        if files[family] is None:
-            source = "cloze" if family == "word" else family
-            raise ValueError(f"item family {family!r} needs its items file (stage 00 writes "
-                             f"{source}_items.parquet)")
-        table = pd.read_parquet(files[family])
+        table = read_items(model_folder, "cloze" if family == "word" else family)
         if family == "word":
             n_choices = int(table["choices"].map(len).max())
             table = make_word_cloze_items(table, n_choices=n_choices, seed=seed)
