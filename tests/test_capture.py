@@ -423,6 +423,21 @@ def test_save_load_round_trip_is_exact(captured_trace, tmp_path):
     assert len(RoutingTrace.load(path)) == 5
 
 
+def test_stage_01s_traces_are_found_by_model(captured_trace, tmp_path):
+    from moecollab.capture import load_stage_trace, stage_trace_folder
+
+    captured_trace.save(stage_trace_folder(tmp_path, "trained"))
+    assert stage_trace_folder(tmp_path, "control") == tmp_path / "control_trace"
+    _assert_same_trace(captured_trace, load_stage_trace(tmp_path))
+    assert load_stage_trace(tmp_path, "control") is None  # capture_control was off
+    captured_trace.select(np.arange(3)).save(stage_trace_folder(tmp_path, "control"))
+    assert len(load_stage_trace(tmp_path, "control")) == 3
+    with pytest.raises(FileNotFoundError):  # the trained model's trace is never optional
+        load_stage_trace(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"model must be one of \['control', 'trained'\]"):
+        load_stage_trace(tmp_path, "twin")
+
+
 def test_streamed_capture_equals_in_memory(tmp_path):
     model = tiny_model("deepseek_v3", first_k_dense_replace=1)
     batches = [

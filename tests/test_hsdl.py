@@ -400,6 +400,22 @@ def test_save_and_load_round_trip_gives_the_same_codes(tmp_path):
     assert loaded.loss_history_ == fitted.loss_history_
 
 
+def test_stage_03s_fits_are_found_by_model(tmp_path):
+    from moecollab.hsdl import STAGE_FIT_FOLDERS, load_stage_fit, save_stage_fit
+    from moecollab.synthetic import make_planted_hierarchy
+
+    planted = make_planted_hierarchy(n_samples=300, n_experts=96, random_state=0)
+    fitted = HSDL(n_atoms=(4, 2), n_epochs=1, random_state=0).fit(planted.X)
+    save_stage_fit(fitted, tmp_path)
+    assert (tmp_path / STAGE_FIT_FOLDERS["trained"] / "hsdl.json").is_file()
+    assert load_stage_fit(tmp_path).get_params() == fitted.get_params()
+    assert load_stage_fit(tmp_path, "control") is None  # fit_control was off
+    save_stage_fit(fitted, tmp_path, "control")
+    assert load_stage_fit(tmp_path, "control").n_iter_ == fitted.n_iter_
+    with pytest.raises(ValueError, match="of must be one of"):
+        save_stage_fit(fitted, tmp_path, "twin")
+
+
 # ---- scikit-learn's own estimator checks --------------------------------------------------------
 
 # The tags HSDL's contract implies but HSDL does not declare. Without a transformer tag

@@ -1,6 +1,8 @@
 """One source per fact: the stage list, notebooks, table of contents, profiles and pins agree."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -94,3 +96,17 @@ def test_papermill_reads_every_parameter_line(stage):
     names = {parameter.name for parameter in PythonTranslator.inspect({"source": cell})}
     expected = set(re.findall(r"^(\w+):", cell, re.MULTILINE))
     assert names == expected
+
+
+def test_notebook_code_cells_name_nothing_undefined_or_unused(tmp_path):
+    # A chapter's code is run only by a whole stage; pyflakes' rules (ruff F) catch a name left
+    # behind by an edit, or an import nothing uses, in seconds instead of a smoke run.
+    import jupytext
+
+    for stage in STAGES:
+        notebook = jupytext.read(ROOT / stage.notebook)
+        jupytext.write(notebook, tmp_path / f"{stage.name}.py", fmt="py:percent")
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--isolated",
+                            "--select", "F", "--output-format", "concise", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert found.returncode == 0, found.stdout

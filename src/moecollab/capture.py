@@ -741,6 +741,28 @@ class _RouterRecorder:
 # --------------------------------------------------------------------------------------------
 
 
+# Stage 01's two traces, by model: the folder names are the contract with stages 02-04.
+STAGE_TRACE_FOLDERS = {"trained": "trace", "control": "control_trace"}
+
+
+def stage_trace_folder(capture_folder: str | os.PathLike, model: str = "trained") -> Path:
+    """Where stage 01 writes the trace of ``model`` (``trained`` or ``control``)."""
+    if model not in STAGE_TRACE_FOLDERS:
+        raise ValueError(f"model must be one of {sorted(STAGE_TRACE_FOLDERS)}; got {model!r}")
+    return Path(capture_folder) / STAGE_TRACE_FOLDERS[model]
+
+
+def load_stage_trace(capture_folder: str | os.PathLike,
+                     model: str = "trained") -> RoutingTrace | None:
+    """Stage 01's trace of ``model``; None for a control that was not captured
+    (``capture_control`` off). The trained model's trace is always there: a missing one is an
+    error."""
+    folder = stage_trace_folder(capture_folder, model)
+    if model == "control" and not folder.is_dir():
+        return None
+    return RoutingTrace.load(folder)
+
+
 def _as_2d_long(value: Any, name: str) -> torch.Tensor:
     tensor = torch.as_tensor(value)
     if tensor.ndim == 1:

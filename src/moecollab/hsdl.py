@@ -1051,6 +1051,29 @@ def load_hsdl(folder: str | os.PathLike) -> HSDL:
     return model
 
 
+# Stage 03's fits, by model: the folder names are the contract with stages 04 and 05.
+STAGE_FIT_FOLDERS = {"trained": "hsdl", "control": "control_hsdl"}
+
+
+def save_stage_fit(model: HSDL, hsdl_folder: str | os.PathLike, of: str = "trained") -> None:
+    """Save stage 03's fit of ``of``'s routing (``trained`` or ``control``) where 04/05 read it."""
+    save_hsdl(model, os.path.join(hsdl_folder, _stage_fit_name(of)))
+
+
+def load_stage_fit(hsdl_folder: str | os.PathLike, of: str = "trained") -> HSDL | None:
+    """Stage 03's fit of ``of``'s routing; None for a control that was not fitted."""
+    folder = os.path.join(hsdl_folder, _stage_fit_name(of))
+    if of == "control" and not os.path.isdir(folder):
+        return None
+    return load_hsdl(folder)
+
+
+def _stage_fit_name(of: str) -> str:
+    if of not in STAGE_FIT_FOLDERS:
+        raise ValueError(f"of must be one of {sorted(STAGE_FIT_FOLDERS)}; got {of!r}")
+    return STAGE_FIT_FOLDERS[of]
+
+
 def dictionary_metrics(X: ArrayLike, codes: np.ndarray, dictionary: np.ndarray, *,
                        weight_threshold: float = 0.5, code_threshold: float = 1e-6
                        ) -> dict[str, float]:
