@@ -739,3 +739,33 @@ def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer,
         evaluation.evaluate_masks_in_workers(tmp_path / "stage_00", masks, task, task_dir,
                                              cache_dir=tmp_path / "cache", n_workers=0,
                                              **settings)
+
+
+# --------------------------------------------------------------------------------------------
+# The package
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_module_of_the_package_is_in_the_evaluation_stage_source_hash(tmp_path):
+    # The runner re-runs a stage when a module it imports changes; the notebook imports the
+    # package, whose __init__ imports the modules that do the work.
+    import shutil
+    from pathlib import Path
+
+    from moecollab import runner
+
+    notebook = Path(__file__).parents[1] / "notebooks" / "06_evaluation.md"
+    package = tmp_path / "src" / "moecollab"
+    shutil.copytree(Path(evaluation.__file__).parents[1], package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = runner.source_hash(tmp_path, notebook)
+    modules = sorted((package / "evaluation").glob("*.py"))
+    assert {module.stem for module in modules} == {
+        "__init__", "cache", "harness", "hub_environment", "local_tasks", "standard_tasks",
+        "tables"}
+    for module in modules:
+        text = module.read_text()
+        module.write_text(text + "# changed\n")
+        assert runner.source_hash(tmp_path, notebook) != before, module.name
+        module.write_text(text)
+    assert runner.source_hash(tmp_path, notebook) == before
