@@ -16,6 +16,7 @@ import torch
 from tiny_models import VOCAB_SIZE, tiny_model
 
 from moecollab import evaluation
+from moecollab.evaluation import cache, harness, hub_environment
 from moecollab.models import train_tokenizer
 
 DOMAINS = ("biology", "chemistry", "law")  # in the corpus's domain order
@@ -371,7 +372,7 @@ def test_evaluate_masks(model, tokenizer, task_dir, tmp_path):
 def test_masked_copy_shares_expert_weights(model):
     keep = np.ones((3, 8), dtype=bool)
     keep[:, :2] = False
-    copy = evaluation._pruned_copy(model, keep, "mask")
+    copy = harness._pruned_copy(model, keep, "mask")
     base_experts = model.model.layers[0].mlp.experts.gate_up_proj
     assert copy.model.layers[0].mlp.experts.gate_up_proj is base_experts
     assert copy.model.layers[0].mlp.gate is not model.model.layers[0].mlp.gate
@@ -487,7 +488,7 @@ def test_an_exported_uniform_checkpoint_runs_through_lm_eval_from_its_folder(
     pruned = apply_keep_mask(copy.deepcopy(model), keep, mode="remove")
     folder = save_pruned(pruned, tmp_path / "pruned", method="test", prune_ratio=0.25,
                          calibration={}, tokenizer=tokenizer)
-    with evaluation._hf_environment(tmp_path / "cache", offline=True):
+    with hub_environment.hf_environment(tmp_path / "cache", offline=True):
         raw = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={folder},dtype=float32", device="cpu",
             tasks=["moecollab_mcq_law_test"], limit=3, bootstrap_iters=0,
@@ -623,7 +624,7 @@ def test_exported_checkpoints_run_in_a_child_process_like_in_memory(model, token
     pd.testing.assert_frame_equal(child_items.drop(columns="mask"),
                                   evaluation.item_table(in_memory))
     # Cached: a second call starts no child process.
-    monkeypatch.setattr(evaluation, "_run_in_child",
+    monkeypatch.setattr(harness, "_run_in_child",
                         lambda spec: pytest.fail("evaluated again despite the cache"))
     again = evaluation.evaluate_checkpoints(
         {row["mask"]: (row["path"], row["key"])}, tasks, task_dir, backend="hf",
@@ -700,8 +701,8 @@ def test_compact_samples_keep_what_the_item_table_needs():
         {"doc_id": 2, "arguments": [("", "text")], "metrics": ["word_perplexity"],
          "word_perplexity": (-4.5, 3)},
     ]
-    compact = evaluation._compact_samples(samples)
-    assert evaluation._compact_samples(compact) == compact  # idempotent (child processes)
+    compact = cache.compact_samples(samples)
+    assert cache.compact_samples(compact) == compact  # idempotent (child processes)
     assert compact == [
         {"doc_id": 0, "n_choices": 2, "acc": 0.0, "acc_norm": 1.0},
         {"doc_id": 1, "n_choices": 2, "acc": 1.0, "acc_norm": 0.0},
@@ -729,7 +730,7 @@ def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer,
 
     direct = evaluation.evaluate_masks(model, tokenizer, masks, task, task_dir,
                                        progress=False, **settings)
-    monkeypatch.setattr(evaluation, "_run_lm_eval", fail)
+    monkeypatch.setattr(harness, "_run_lm_eval", fail)
     cached = evaluation.evaluate_masks(model, tokenizer, masks, task, task_dir,
                                        cache_dir=tmp_path / "cache", progress=False, **settings)
     pd.testing.assert_frame_equal(cached.drop(columns="stderr"), direct.drop(columns="stderr"),
@@ -738,3 +739,33 @@ def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer,
         evaluation.evaluate_masks_in_workers(tmp_path / "stage_00", masks, task, task_dir,
                                              cache_dir=tmp_path / "cache", n_workers=0,
                                              **settings)
+
+
+# --------------------------------------------------------------------------------------------
+# The package
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_module_of_the_package_is_in_the_evaluation_stage_source_hash(tmp_path):
+    # The runner re-runs a stage when a module it imports changes; the notebook imports the
+    # package, whose __init__ imports the modules that do the work.
+    import shutil
+    from pathlib import Path
+
+    from moecollab import runner
+
+    notebook = Path(__file__).parents[1] / "notebooks" / "06_evaluation.md"
+    package = tmp_path / "src" / "moecollab"
+    shutil.copytree(Path(evaluation.__file__).parents[1], package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = runner.source_hash(tmp_path, notebook)
+    modules = sorted((package / "evaluation").glob("*.py"))
+    assert {module.stem for module in modules} == {
+        "__init__", "cache", "harness", "hub_environment", "local_tasks", "standard_tasks",
+        "tables"}
+    for module in modules:
+        text = module.read_text()
+        module.write_text(text + "# changed\n")
+        assert runner.source_hash(tmp_path, notebook) != before, module.name
+        module.write_text(text)
+    assert runner.source_hash(tmp_path, notebook) == before
