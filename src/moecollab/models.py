@@ -20,14 +20,18 @@ from typing import Any
 
 import torch
 
+from . import stages
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 #: Weight dtypes a pretrained checkpoint can be loaded in; ``auto`` keeps the checkpoint's own.
-DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32,
-                          "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate).
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+#: The names are the plan checks' (:data:`moecollab.stages.DTYPES`, torch-free).
+DTYPES: dict[str, Any] = {name: "auto" if name == "auto" else getattr(torch, name)
+                          for name in stages.DTYPES}
+#: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate);
+#: :data:`moecollab.stages.DEVICE_MAPS` without the empty choice.
+DEVICE_MAPS = tuple(name for name in stages.DEVICE_MAPS if name)
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 #: The file stage 00 writes when it loads a pretrained checkpoint instead of training one.

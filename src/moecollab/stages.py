@@ -79,9 +79,10 @@ DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
 # which set applies depends on data_source, checked across parameters in moecollab.preflight.
 ANY_FIELD = Check(choices=tuple(dict.fromkeys(DOMAINS + PAPER_FIELDS)), each=True)
 DATA_SOURCE = Check(choices=DATA_SOURCES)
-# Loading a pretrained checkpoint (moecollab.models.DTYPES and DEVICE_MAPS; a test checks).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+# Loading a pretrained checkpoint: the one list of each; moecollab.models.DTYPES and DEVICE_MAPS
+# (the loaders' own checks) are built from these, so that this module need not import torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # names of torch dtypes, or auto
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")  # "": one device
 
 # Parameters every notebook has; the runner sets the first three itself.
 RUNNER_PARAMETERS = ("profile", "artifacts_root", "output_dir")
