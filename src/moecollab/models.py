@@ -13,7 +13,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ DTYPES: dict[str, Any] = {name: "auto" if name == "auto" else getattr(torch, nam
 #: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate);
 #: :data:`moecollab.stages.DEVICE_MAPS` without the empty choice.
 DEVICE_MAPS = tuple(name for name in stages.DEVICE_MAPS if name)
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 #: The file stage 00 writes when it loads a pretrained checkpoint instead of training one.
 MODEL_REF = "model_ref.json"
@@ -42,7 +40,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a
     ``torch.device`` as given; asking for CUDA without a GPU is an error.
 
-    The one device rule of the package (models, training, HSDL, evaluation).
+    The one device rule of the package (models, training, HSDL, evaluation); the names are
+    :data:`moecollab.stages.DEVICE`, which the plan checks profiles with.
 
     Examples
     --------
@@ -51,9 +50,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
-    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got "
-                         f"{device!r}")
+    problem = stages.DEVICE.problem(device)
+    if problem:
+        raise ValueError(f"device {problem}; got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
