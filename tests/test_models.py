@@ -99,13 +99,6 @@ def test_custom_code_loads_only_when_trusted_and_a_broken_one_fails_in_one_line(
     assert "\n" not in str(error.value)
 
 
-def test_the_plan_checks_offer_exactly_the_loaders_choices():
-    from moecollab import stages
-
-    assert set(stages.DTYPES) == set(models.DTYPES)
-    assert set(stages.DEVICE_MAPS) == {"", *models.DEVICE_MAPS}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_count_parameters_of_every_family(family):
     model = tiny_model(family)

@@ -1,11 +1,12 @@
 """The embedded model's training mechanics, on tiny models and synthetic text."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-from moecollab import models, routing_health, training
+from moecollab import models, routing_health, tokens, training
 
 
 def test_balance_loss_is_one_for_uniform_routing():
@@ -70,6 +71,28 @@ def test_pack_blocks_keeps_each_block_within_one_domain():
     assert blocks.domains.count("a") == (4 * (4 + 3)) // 4
     limited = training.pack_blocks(texts, FakeTokenizer(), 4, seed=0, max_blocks_per_domain=2)
     assert limited.domains == ["a", "a", "b", "b"]
+
+
+def test_pack_blocks_keeps_the_blocks_it_packed_before_the_packers_were_one():
+    # Worked by hand, and recorded from training's own packer before it became a view of
+    # tokens.pack_documents: seed 0 orders "b" as [2, 0, 1, 3] (4 5 6 | 1 2 | 3 | 7), then
+    # "a" and "c" (one text each); EOS (0) follows every text and short tails are dropped.
+    texts = {"b": ["1 2", "3", "4 5 6", "7"], "a": ["8 9 10"], "c": ["11"]}
+    blocks = training.pack_blocks(texts, FakeTokenizer(), 3, seed=0)
+    assert blocks.input_ids.dtype == torch.int64
+    assert blocks.input_ids.tolist() == [[4, 5, 6], [0, 1, 2], [0, 3, 0], [8, 9, 10]]
+    assert blocks.domains == ["b", "b", "b", "a"]
+    limited = training.pack_blocks(texts, FakeTokenizer(), 3, seed=0, max_blocks_per_domain=1)
+    assert limited.input_ids.tolist() == [[4, 5, 6], [8, 9, 10]]
+    assert limited.domains == ["b", "a"]
+    # The capture packer cuts the same blocks from the same texts (one packing, two views).
+    entries = pd.DataFrame({"text": [text for group in texts.values() for text in group],
+                            "domain": [domain for domain, group in texts.items() for _ in group],
+                            "entry_id": range(6), "split": "train"})
+    documents = tokens.pack_documents(entries, FakeTokenizer(), seq_len=3,
+                                      max_tokens_per_domain=None, seed=0)
+    assert documents.input_ids.tolist() == blocks.input_ids.tolist()
+    assert documents.domains == blocks.domains
 
 
 def _synthetic_blocks(n_blocks: int, seed: int) -> training.TokenBlocks:

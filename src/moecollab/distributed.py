@@ -29,6 +29,7 @@ import torch
 
 from moecollab.artifacts import replace_folder
 from moecollab.capture import METADATA_FILE, RoutingTrace, capture_routing
+from moecollab.models import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def _write_merged_header(folder: Path, world: int) -> None:
 def _init_process_group() -> torch.device:
     """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); this rank's device."""
     if "RANK" not in os.environ:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

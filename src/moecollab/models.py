@@ -13,22 +13,24 @@ import importlib.util
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import stages
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 #: Weight dtypes a pretrained checkpoint can be loaded in; ``auto`` keeps the checkpoint's own.
-DTYPES: dict[str, Any] = {"auto": "auto", "float32": torch.float32,
-                          "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate).
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+#: The names are the plan checks' (:data:`moecollab.stages.DTYPES`, torch-free).
+DTYPES: dict[str, Any] = {name: "auto" if name == "auto" else getattr(torch, name)
+                          for name in stages.DTYPES}
+#: accelerate's placement strategies for ``device_map`` (empty: one device, no accelerate);
+#: :data:`moecollab.stages.DEVICE_MAPS` without the empty choice.
+DEVICE_MAPS = tuple(name for name in stages.DEVICE_MAPS if name)
 
 #: The file stage 00 writes when it loads a pretrained checkpoint instead of training one.
 MODEL_REF = "model_ref.json"
@@ -38,7 +40,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` → CUDA when present, else CPU; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or a
     ``torch.device`` as given; asking for CUDA without a GPU is an error.
 
-    The one device rule of the package (models, training, HSDL, evaluation).
+    The one device rule of the package (models, training, HSDL, evaluation); the names are
+    :data:`moecollab.stages.DEVICE`, which the plan checks profiles with.
 
     Examples
     --------
@@ -47,9 +50,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
-    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got "
-                         f"{device!r}")
+    problem = stages.DEVICE.problem(device)
+    if problem:
+        raise ValueError(f"device {problem}; got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

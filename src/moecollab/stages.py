@@ -8,6 +8,7 @@ that cannot be read off a literal live here, next to the stage they belong to.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from .data.sources import DATA_SOURCES, ITEM_FAMILIES
 
 @dataclass(frozen=True)
 class Check:
-    """A constraint on one parameter's value: a numeric range and/or a set of choices.
+    """A constraint on one parameter's value: a numeric range, a set of choices, or a pattern.
 
     Examples
     --------
@@ -26,6 +27,8 @@ class Check:
     'must be in [0, 1)'
     >>> Check(choices=("cpu", "cuda", "auto")).problem("gpu")
     "must be one of 'cpu', 'cuda', 'auto'"
+    >>> DEVICE.problem("cuda:1") is None, DEVICE.problem("gpu")
+    (True, "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     """
 
     low: float | None = None
@@ -34,8 +37,12 @@ class Check:
     high_open: bool = False
     choices: tuple[Any, ...] | None = None
     each: bool = False  # apply to every element of a list value
+    pattern: str | None = None    # a regular expression a string value must match in full
+    pattern_text: str = ""        # how messages name what ``pattern`` allows
 
     def describe(self) -> str:
+        if self.pattern is not None:
+            return self.pattern_text
         if self.choices is not None:
             return "one of " + ", ".join(repr(choice) for choice in self.choices)
         if self.high is None:
@@ -49,6 +56,10 @@ class Check:
         """A short description of what is wrong with ``value``, or None when it is allowed."""
         values = value if self.each and isinstance(value, list) else [value]
         for item in values:
+            if self.pattern is not None:
+                if not isinstance(item, str) or not re.fullmatch(self.pattern, item):
+                    return f"must be {self.describe()}"
+                continue
             if self.choices is not None:
                 if item not in self.choices:
                     return f"must be {self.describe()}"
@@ -73,15 +84,19 @@ POSITIVE = Check(low=1)
 NON_NEGATIVE = Check(low=0)
 FRACTION_OPEN = Check(low=0, high=1, high_open=True)   # [0, 1)
 PROBABILITY = Check(low=0, high=1)
-DEVICE = Check(choices=("auto", "cpu", "cuda"))
+# The one device vocabulary: the plan checks profiles with it, moecollab.models.resolve_device
+# every device argument (auto: CUDA when present, else the CPU).
+DEVICE = Check(pattern=r"auto|cpu|mps|cuda(:\d+)?",
+               pattern_text="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
 DOMAIN_CHOICES = Check(choices=DOMAINS, each=True)
 # Stage 01 reads the embedded corpus's fields or the paper's (moecollab.data.paper.FIELDS);
 # which set applies depends on data_source, checked across parameters in moecollab.preflight.
 ANY_FIELD = Check(choices=tuple(dict.fromkeys(DOMAINS + PAPER_FIELDS)), each=True)
 DATA_SOURCE = Check(choices=DATA_SOURCES)
-# Loading a pretrained checkpoint (moecollab.models.DTYPES and DEVICE_MAPS; a test checks).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+# Loading a pretrained checkpoint: the one list of each; moecollab.models.DTYPES and DEVICE_MAPS
+# (the loaders' own checks) are built from these, so that this module need not import torch.
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # names of torch dtypes, or auto
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")  # "": one device
 
 # Parameters every notebook has; the runner sets the first three itself.
 RUNNER_PARAMETERS = ("profile", "artifacts_root", "output_dir")

@@ -1,12 +1,14 @@
-"""Batches of corpus text with per-token provenance, for capturing routing.
+"""Token blocks from corpus text: the one packer, for training, capture and calibration.
 
-Each block of ``seq_len`` tokens comes from one domain; entries are joined with the EOS token,
-as in training. Every token carries the entry it came from, its domain and split, and the text
-piece it decodes to, so later chapters can colour text by collaboration pattern.
+Each block of ``seq_len`` tokens comes from one domain; entries are joined with the EOS token.
+Every token carries the entry it came from, its domain and split, and the text piece it
+decodes to, so later chapters can colour text by collaboration pattern. Training reads the
+same blocks without the provenance (:func:`moecollab.training.pack_blocks`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,15 +23,17 @@ def token_pieces(tokenizer) -> np.ndarray:
                     dtype=object)
 
 
-def domain_streams(entries: pd.DataFrame, tokenizer, *, max_tokens_per_domain: int,
+def domain_streams(entries: pd.DataFrame, tokenizer, *, max_tokens_per_domain: int | None,
                    seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per domain: a token stream and, for each token, the row of ``entries`` it came from.
 
-    Entries are taken in a seeded random order until the domain's budget is reached; the EOS
-    separator after an entry belongs to that entry.
+    Entries are taken in a seeded random order until the domain's budget is reached (None: no
+    budget, every entry); the EOS separator after an entry belongs to that entry. One
+    generator draws each domain's order in turn, in the order domains first appear.
     """
     rng = np.random.default_rng(seed)
     eos = tokenizer.eos_token_id
+    budget = math.inf if max_tokens_per_domain is None else max_tokens_per_domain
     streams = {}
     for domain, rows in entries.groupby("domain", sort=False, observed=True):
         order = rows.index.to_numpy()[rng.permutation(len(rows))]
@@ -43,9 +47,9 @@ def domain_streams(entries: pd.DataFrame, tokenizer, *, max_tokens_per_domain: i
                 token_ids.append(np.asarray([*ids, eos], dtype=np.int64))
                 owners.append(np.full(len(ids) + 1, row, dtype=np.int64))
                 count += len(ids) + 1
-                if count >= max_tokens_per_domain:
+                if count >= budget:
                     break
-            if count >= max_tokens_per_domain:
+            if count >= budget:
                 break
         if token_ids:
             stream, owner = np.concatenate(token_ids), np.concatenate(owners)
@@ -95,7 +99,7 @@ class DocumentBlocks:
 
 
 def pack_documents(entries: pd.DataFrame, tokenizer, *, seq_len: int,
-                   max_tokens_per_domain: int, seed: int = 0) -> DocumentBlocks:
+                   max_tokens_per_domain: int | None, seed: int = 0) -> DocumentBlocks:
     """Blocks from each domain's entries, at most ``max_tokens_per_domain`` tokens each.
 
     Parameters
@@ -103,7 +107,7 @@ def pack_documents(entries: pd.DataFrame, tokenizer, *, seq_len: int,
     entries : DataFrame with ``text``, ``entry_id``, ``domain`` and ``split``
     tokenizer : a transformers tokenizer with an EOS token
     seq_len : tokens per block; a domain's tail shorter than a block is dropped
-    max_tokens_per_domain : token budget of every domain
+    max_tokens_per_domain : token budget of every domain; None for every entry
     seed : order of entries within a domain
     """
     entries = entries.reset_index(drop=True)

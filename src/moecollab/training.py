@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -54,25 +55,31 @@ def pack_blocks(texts_by_domain: dict[str, list[str]], tokenizer, seq_len: int,
     """Shuffle each domain's texts, join them with EOS, cut into ``seq_len`` blocks.
 
     The tail shorter than ``seq_len`` is dropped; blocks are returned grouped by domain in the
-    order of ``texts_by_domain``.
+    order of ``texts_by_domain``. The packing is :func:`moecollab.tokens.pack_documents`'s,
+    without the per-token provenance training does not need.
+
+    Examples
+    --------
+    >>> class Tokenizer:  # each word is its id; 0 is EOS
+    ...     eos_token_id = 0
+    ...     def __call__(self, texts, add_special_tokens=False):
+    ...         return {"input_ids": [[int(word) for word in text.split()] for text in texts]}
+    >>> texts = {"b": ["1 2", "3", "4 5 6"], "a": ["8 9 10"]}
+    >>> blocks = pack_blocks(texts, Tokenizer(), 3, seed=0)  # b's order: 4 5 6, 1 2, 3
+    >>> blocks.input_ids.tolist(), blocks.domains
+    ([[4, 5, 6], [0, 1, 2], [0, 3, 0], [8, 9, 10]], ['b', 'b', 'b', 'a'])
     """
-    rng = np.random.default_rng(seed)
-    eos = tokenizer.eos_token_id
-    blocks, domains = [], []
-    for domain, texts in texts_by_domain.items():
-        order = rng.permutation(len(texts))
-        encoded = tokenizer([texts[i] for i in order], add_special_tokens=False)["input_ids"]
-        stream = np.fromiter((token for ids in encoded for token in (*ids, eos)), dtype=np.int64)
-        n_blocks = len(stream) // seq_len
-        if max_blocks_per_domain is not None:
-            n_blocks = min(n_blocks, max_blocks_per_domain)
-        if n_blocks == 0:
-            continue
-        blocks.append(torch.from_numpy(stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)))
-        domains += [domain] * n_blocks
-    if not blocks:
-        raise ValueError(f"no text long enough for one block of seq_len={seq_len} tokens")
-    return TokenBlocks(torch.cat(blocks), domains)
+    from .tokens import pack_documents
+
+    texts = [text for domain_texts in texts_by_domain.values() for text in domain_texts]
+    entries = pd.DataFrame({
+        "text": texts, "entry_id": np.arange(len(texts)), "split": "",
+        "domain": [domain for domain, domain_texts in texts_by_domain.items()
+                   for _ in domain_texts]})
+    budget = None if max_blocks_per_domain is None else max_blocks_per_domain * seq_len
+    packed = pack_documents(entries, tokenizer, seq_len=seq_len, max_tokens_per_domain=budget,
+                            seed=seed)
+    return TokenBlocks(torch.from_numpy(packed.input_ids), packed.domains)
 
 
 def _selection_counts(scores: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:

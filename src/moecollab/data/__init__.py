@@ -3,7 +3,7 @@
 ``load_corpus`` and ``load_general_text`` read the committed files in ``data/``;
 ``make_mcq_items`` turns corpus entries into term-to-definition multiple-choice items and
 ``make_cloze_items`` held-out entries into field cloze items; the corpus itself is built
-by ``python -m moecollab.data.build_corpus``.
+by ``python -m moecollab.build.corpus``.
 """
 
 from moecollab.data.cloze import make_cloze_items

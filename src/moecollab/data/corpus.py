@@ -1,7 +1,7 @@
 """Read and validate the committed domain corpus in ``data/``.
 
 The corpus holds dictionary entries labelled with one of ten study domains (:data:`DOMAINS`),
-built by :mod:`moecollab.data.build_corpus` from GCIDE, FOLDOC and WordNet 3.0. The source
+built by :mod:`moecollab.build.corpus` from GCIDE, FOLDOC and WordNet 3.0. The source
 notes' "health" is called ``medicine`` here, "computer science" ``computer_science`` and "math"
 ``mathematics``. Psychology and economics are left out: each has fewer than 800 usable entries
 in these sources (mostly emotion and money vocabulary rather than the disciplines).
@@ -99,7 +99,7 @@ def _resolve(path: str | Path | None, filename: str) -> Path:
     if not resolved.is_file():
         raise CorpusError(
             f"corpus file {resolved} not found; build it with "
-            "`python -m moecollab.data.build_corpus`"
+            "`python -m moecollab.build.corpus`"
         )
     return resolved
 
