@@ -423,8 +423,20 @@ def test_save_load_round_trip_is_exact(captured_trace, tmp_path):
     assert len(RoutingTrace.load(path)) == 5
 
 
+def test_the_trace_module_reads_traces_without_torch():
+    # The analysis chapters (co-activation, annotation) read traces; only capture needs torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, moecollab.trace, moecollab.coactivation, moecollab.annotation, "
+            "moecollab.routing_health; print('torch' in sys.modules)")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    assert found.stdout.strip() == "False"
+
+
 def test_stage_01s_traces_are_found_by_model(captured_trace, tmp_path):
-    from moecollab.capture import load_stage_trace, stage_trace_folder
+    from moecollab.trace import load_stage_trace, stage_trace_folder
 
     captured_trace.save(stage_trace_folder(tmp_path, "trained"))
     assert stage_trace_folder(tmp_path, "control") == tmp_path / "control_trace"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from moecollab.capture import RoutingTrace, capture_routing
+from moecollab.capture import capture_routing
 from moecollab.distributed import shard_bounds
 from moecollab.hsdl import HSDL, load_hsdl
 from moecollab.models import build_model, embedded_config
+from moecollab.trace import RoutingTrace
 
 # Two processes train on halves of each mini-batch and DDP sums their gradients in another
 # order than one process does: after 5 epochs on planted data the dictionaries agree to 1e-4

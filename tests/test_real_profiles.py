@@ -31,9 +31,9 @@ from tiny_datasets import write_tiny_paper_data
 from tiny_models import save_tiny_checkpoint, save_tiny_deepseek_v1
 
 from moecollab import artifacts, deepseek_v1, runner
-from moecollab.capture import RoutingTrace
 from moecollab.data import paper
 from moecollab.stages import STAGE_NAMES
+from moecollab.trace import RoutingTrace
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_TOKENS = 128 * 2048

@@ -6,7 +6,7 @@ tokens, ranks its top and enriched tokens, finds example contexts, tests domain 
 describes the token mix; from these it builds an automatic label with a confidence, measures how
 pure atoms are against chance, and renders text with every token coloured by its atom.
 
-All functions take the token table of a :class:`moecollab.capture.RoutingTrace` (one row per
+All functions take the token table of a :class:`moecollab.trace.RoutingTrace` (one row per
 token, in the row order of the routing matrix) and the assignment table of :func:`assign_atoms`,
 aligned row by row.
 """

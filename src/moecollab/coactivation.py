@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,10 +39,8 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 from moecollab import layout, routing_health
+from moecollab.trace import RoutingTrace
 from moecollab.triplet_counts import triplet_census
-
-if TYPE_CHECKING:  # only for annotations: capture imports torch
-    from moecollab.capture import RoutingTrace
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +383,7 @@ def shuffled_selection(
     Parameters
     ----------
     trace_or_expert_ids : RoutingTrace, ndarray or sparse array
-        A :class:`~moecollab.capture.RoutingTrace`; or ``expert_ids`` of shape
+        A :class:`~moecollab.trace.RoutingTrace`; or ``expert_ids`` of shape
         ``(n_tokens, n_layers, top_k)``; or a selection matrix ``(n_tokens, n_columns)``.
     n_experts : int or sequence of int, optional
         Routed experts per layer; required unless a trace is given.
@@ -405,9 +403,7 @@ def shuffled_selection(
     True
     """
     rng = np.random.default_rng(random_state)
-    if hasattr(trace_or_expert_ids, "expert_ids") and hasattr(
-        trace_or_expert_ids, "n_experts_per_layer"
-    ):
+    if isinstance(trace_or_expert_ids, RoutingTrace):
         if n_experts is None:
             n_experts = list(trace_or_expert_ids.n_experts_per_layer)
         trace_or_expert_ids = trace_or_expert_ids.expert_ids
@@ -588,7 +584,7 @@ def _selection_from_any(
 ) -> tuple[sparse.csr_array, int | Sequence[int] | None]:
     """A selection matrix from a RoutingTrace, expert ids or a selection matrix."""
     value = expert_ids_or_selected
-    if hasattr(value, "expert_ids") and hasattr(value, "n_experts_per_layer"):
+    if isinstance(value, RoutingTrace):
         n_experts = list(value.n_experts_per_layer) if n_experts is None else n_experts
         return _as_selection(selection_matrix(value.expert_ids, n_experts)), n_experts
     if not sparse.issparse(value) and np.ndim(value) == 3:

@@ -5,7 +5,7 @@ Launched by ``torchrun`` (one process per GPU), every rank runs the same script:
 - :func:`capture_routing_sharded`: rank ``r`` of ``W`` captures the ``r``-th contiguous share
   of the batches into ``out_dir/rank-0000r/`` (an ordinary trace folder), and rank 0 then writes
   ``out_dir/metadata.json`` listing every rank's shards in batch order, so
-  :meth:`RoutingTrace.load(out_dir) <moecollab.capture.RoutingTrace.load>` reads the whole
+  :meth:`RoutingTrace.load(out_dir) <moecollab.trace.RoutingTrace.load>` reads the whole
   capture as one trace, token for token the one a single process would have written
   (``sequence_index`` is global);
 - ``HSDL(...).fit(X)`` on every rank with the same ``X`` and ``random_state`` trains with
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from moecollab.artifacts import replace_folder
-from moecollab.capture import METADATA_FILE, RoutingTrace, capture_routing
+from moecollab.capture import capture_routing
 from moecollab.models import resolve_device
+from moecollab.trace import METADATA_FILE, RoutingTrace
 
 logger = logging.getLogger(__name__)
 

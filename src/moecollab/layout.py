@@ -1,6 +1,6 @@
 """Where each routed expert sits in the study's matrices: one column per expert, layer by layer.
 
-Every activation matrix (:meth:`moecollab.capture.RoutingTrace.to_matrix`), co-activation
+Every activation matrix (:meth:`moecollab.trace.RoutingTrace.to_matrix`), co-activation
 table, HSDL dictionary and pruning mask of the study has one column per routed expert: the
 experts of the first MoE layer, then those of the second, and so on. Column ``c`` is expert
 ``e`` of MoE layer ``l`` when ``c = offsets[l] + e``, where ``offsets[l]`` counts the experts of

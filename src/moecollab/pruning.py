@@ -14,7 +14,7 @@ Methods
 - **Score baselines** (METHOD.md §6, ``notes/pruning-peers.md``): :func:`expert_scores` computes
   ``frequency``, ``seer``, ``reap`` and ``output_impact`` in one pass over calibration batches;
   :func:`scores_from_trace` computes ``frequency`` and ``seer`` from a
-  :class:`moecollab.capture.RoutingTrace`; :func:`keep_mask_from_scores` turns scores into a
+  :class:`moecollab.trace.RoutingTrace`; :func:`keep_mask_from_scores` turns scores into a
   mask under a global or per-layer budget; :func:`random_keep_mask` is the random baseline.
 
 Budget convention: every method of a comparison keeps exactly
