@@ -183,3 +183,28 @@ def test_accuracy_evidence_names_the_judged_item_family():
     assert label == "acc, the corpus's word cloze items on held-out entries"
     with pytest.raises(ValueError, match="family must be one of mcq, cloze, word"):
         claims.accuracy_evidence(local, ["t"], None, ["u", "c"], family="gap")
+
+
+def test_claim_5_from_items_is_not_judged_when_the_unpruned_model_is_at_chance():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def items(p_unpruned):
+        rows = []
+        for mask, p in (("unpruned", p_unpruned), ("caep", 0.6), ("reap", 0.3)):
+            rows += [{"mask": mask, "task": "t", "doc_id": doc,
+                      "acc": float(rng.random() < p)} for doc in range(400)]
+        return pd.DataFrame(rows)
+
+    def judged(table, chance):
+        return claims.judge_pruning(table, "caep", {"reap": "reap"}, 0.25, metric="acc",
+                                    tasks=["t"], label="acc", chance=chance, n_resamples=300)
+
+    above = judged(items(0.7), chance=0.25)
+    assert above.verdict == SUPPORTS and "beats 1 of 1 baselines" in above.reason
+    at_chance = judged(items(0.25), chance=0.25)
+    assert at_chance.verdict == NOT_JUDGED
+    assert at_chance.reason.startswith("the unpruned model's acc ")
+    assert "does not exceed chance (0.250) beyond noise" in at_chance.reason
+    assert judged(items(0.25), chance=None).verdict == SUPPORTS  # no chance given: judged

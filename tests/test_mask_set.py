@@ -203,3 +203,46 @@ def test_add_refuses_bad_masks_and_fields(mask, fields, match):
     mask_set.add(np.ones((2, 4), dtype=bool), method="caep", prune_ratio=0.25)
     with pytest.raises(ValueError, match=match):
         mask_set.add(mask, **fields)
+
+
+def _study_mask_set() -> MaskSet:
+    """Masks as stage 05 makes them: roles method, baseline, variant, ablation and domain."""
+    mask_set = MaskSet()
+    keep = np.array([[True, True, False, False], [True, False, True, False]])
+    for ratio in (0.5, 0.25):   # added out of order: the plan sorts the ratios
+        mask_set.add(keep, method="caep", prune_ratio=ratio, role="method")
+        mask_set.add(keep, method="caep_as_written", prune_ratio=ratio, role="variant")
+        mask_set.add(keep, method="reap", prune_ratio=ratio, role="baseline")
+        for seed in range(3):
+            mask_set.add(keep, method="random", prune_ratio=ratio, seed=seed, role="baseline")
+        mask_set.add(keep, method="caep", prune_ratio=ratio, variant="k1=0.9", role="ablation")
+    for field in ("law", "physics"):
+        mask_set.add(keep, method="domain", prune_ratio=0.5, field=field, role="domain")
+    return mask_set
+
+
+def test_the_evaluation_plan_reads_what_each_mask_is_from_its_role():
+    plan = _study_mask_set().evaluation_plan(n_random=2, variant_ratios=[0.5])
+    assert plan.ratios == [0.25, 0.5]
+    assert plan.caep == {0.25: "caep@0.25", 0.5: "caep@0.5"}
+    assert plan.baselines[0.25] == {"reap": ["reap@0.25"],
+                                    "random": ["random-s0@0.25", "random-s1@0.25"]}
+    assert plan.domain == {"law": "domain-law@0.5", "physics": "domain-physics@0.5"}
+    assert plan.methods(0.5) == {"caep": ["caep@0.5"], "reap": ["reap@0.5"],
+                                 "random": ["random-s0@0.5", "random-s1@0.5"]}
+    # Per ratio: CAEP, the variants asked for, the baselines; then the per-field masks. The
+    # ablations and the third random seed are not evaluated.
+    assert plan.names == [
+        "caep@0.25", "reap@0.25", "random-s0@0.25", "random-s1@0.25",
+        "caep@0.5", "caep_as_written@0.5", "reap@0.5", "random-s0@0.5", "random-s1@0.5",
+        "domain-law@0.5", "domain-physics@0.5"]
+    every_variant = _study_mask_set().evaluation_plan(n_random=1, variant_ratios=[0.25, 0.5])
+    assert "caep_as_written@0.25" in every_variant.names
+    assert every_variant.baselines[0.5]["random"] == ["random-s0@0.5"]
+
+
+def test_an_evaluation_plan_needs_the_roles_stage_05_gives():
+    mask_set = MaskSet()
+    mask_set.add(np.ones((1, 2), dtype=bool), method="caep", prune_ratio=0.5)
+    with pytest.raises(ValueError, match="no 'role' column"):
+        mask_set.evaluation_plan(n_random=1)

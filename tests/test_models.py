@@ -76,6 +76,28 @@ def test_later_stages_load_the_model_as_stage_00_recorded(checkpoint, tmp_path):
     assert not torch.equal(control.state_dict()[router], model.state_dict()[router])
 
 
+def test_a_model_stage_00_trained_is_saved_and_loaded_from_its_folders(checkpoint, tmp_path):
+    model, tokenizer = models.load_model(checkpoint)
+    control = models.build_control_model(model.config, seed=1)
+    assert models.save_stage_model(model, tokenizer, tmp_path) == tmp_path / "model"
+    models.save_stage_model(control, tokenizer, tmp_path, "control")
+    assert models.reference_checkpoint(tmp_path) == {
+        "model": str(tmp_path / "model"), "dtype": "auto", "trust_remote_code": False,
+        "device_map": ""}
+    loaded, loaded_tokenizer = models.load_reference_model(tmp_path)
+    loaded_control = models.load_control_model(tmp_path, loaded, seed=99)  # saved: seed unused
+    for original, again in ((model, loaded), (control, loaded_control)):
+        for (name, weight), (_, other) in zip(original.state_dict().items(),
+                                              again.state_dict().items(), strict=True):
+            assert torch.equal(weight, other), name
+    assert len(loaded_tokenizer) == len(tokenizer)
+    with pytest.raises(ValueError, match="of must be one of"):
+        models.save_stage_model(model, tokenizer, tmp_path, "twin")
+    # A recorded pretrained checkpoint is what the later stages load instead.
+    models.write_model_ref(tmp_path, str(checkpoint))
+    assert models.reference_checkpoint(tmp_path)["model"] == str(checkpoint)
+
+
 def test_custom_code_loads_only_when_trusted_and_a_broken_one_fails_in_one_line(tmp_path,
                                                                                monkeypatch):
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))

@@ -243,3 +243,31 @@ def test_clusters_of_unequal_size_pool_their_items_and_perplexity_too():
     # x: -3 over 2 words, y: -4 over 2 words.
     assert set(np.round(ppl.resamples["a"][:, 0], 6)) == {
         round(math.exp(6 / 4), 6), round(math.exp(8 / 4), 6), round(math.exp(7 / 4), 6)}
+
+
+def test_the_separation_table_has_a_row_per_family_and_ratio_from_the_same_resamples():
+    rng = np.random.default_rng(1)
+    rows = []
+    for task in ("w1", "w2", "c1"):
+        for mask, p in (("caep", 0.7), ("reap", 0.7), ("random-a", 0.4), ("random-b", 0.4)):
+            rows += [{"mask": mask, "task": task, "doc_id": doc, "acc": float(rng.random() < p)}
+                     for doc in range(300)]
+    items = pd.DataFrame(rows)
+    methods = {"caep": ["caep"], "reap": ["reap"], "random": ["random-a", "random-b"]}
+    table = paired.separation_table(items, {0.5: methods}, {"word": ["w1", "w2"],
+                                                            "cloze": ["c1"]},
+                                    {"word": "acc", "cloze": "acc"}, n_resamples=300)
+    assert table.columns.tolist() == ["family", "ratio", "best", "worst", "best minus worst",
+                                      "standard error", "z", "widest CAEP interval (±)"]
+    assert table[["family", "ratio"]].values.tolist() == [["word", 0.5], ["cloze", 0.5]]
+    assert (table["worst"] == "random").all() and (table["z"] > 4).all()
+    # Each row is what separation and paired_difference give on that family's resamples.
+    resampled = paired.resample_tasks(items, ["caep", "reap", "random-a", "random-b"], "acc",
+                                      tasks=["c1"], n_resamples=300)
+    found = paired.separation(resampled, methods)
+    row = table.iloc[1]
+    assert row["z"] == pytest.approx(found["z"])
+    widest = max((d.high - d.low) / 2 for d in (
+        paired.paired_difference(resampled, ["caep"], ["reap"]),
+        paired.paired_difference(resampled, ["caep"], ["random-a", "random-b"])))
+    assert row["widest CAEP interval (±)"] == pytest.approx(widest)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from moecollab.paired import PAPER_ACCURACY, Comparison, Interval
+from moecollab.paired import PAPER_ACCURACY, Comparison, Interval, compare_with_baselines
 
 __all__ = [
     "DOES_NOT_SUPPORT", "MAX_OWN_FIELD_COST", "NOT_JUDGED", "PARTLY", "SUPPORTS", "Comparison",
@@ -411,6 +411,27 @@ def pruning_claim(caep_value: float, comparisons: Sequence[Comparison], ratio: f
     if counts["better"]:
         return Verdict(PARTLY, numbers)
     return Verdict(DOES_NOT_SUPPORT, numbers)
+
+
+def judge_pruning(items: pd.DataFrame, caep: str, baselines: Mapping[str, str | Sequence[str]],
+                  ratio: float, *, metric: str, tasks: Sequence[str], label: str,
+                  higher_is_better: bool = True, chance: float | None = None,
+                  n_resamples: int = 2000, random_state: int = 0,
+                  confidence: float = 0.95) -> Verdict:
+    """Claim 5 at one ratio, from the per-item scores: CAEP's mask against each baseline's
+    (:func:`moecollab.paired.compare_with_baselines`, paired over the same items), judged by
+    :func:`pruning_claim`. With ``chance`` given, an unpruned model whose interval does not lie
+    above it leaves the claim not judged: a comparison of scores at chance says nothing."""
+    found = compare_with_baselines(items, caep, baselines, metric, tasks=tasks,
+                                   n_resamples=n_resamples, random_state=random_state,
+                                   confidence=confidence)
+    unpruned = found["reference"]
+    at_chance = chance is not None and not accuracy_is_informative(unpruned, chance)
+    return pruning_claim(
+        found["value"], found["comparisons"], ratio, metric=label,
+        higher_is_better=higher_is_better, not_judged_reason=(
+            f"the unpruned model's {label} {unpruned.text(signed=False)} does not exceed "
+            f"chance ({chance:.3f}) beyond noise" if at_chance else ""))
 
 
 def _digits(*values: float) -> int:

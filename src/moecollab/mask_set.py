@@ -32,9 +32,10 @@ Examples
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ import pandas as pd
 
 from moecollab.artifacts import atomic_path, write_table
 
-__all__ = ["CATALOGUE_FILE", "FIELDS", "MASKS_FILE", "MaskSet", "mask_label", "mask_name"]
+__all__ = ["CATALOGUE_FILE", "FIELDS", "MASKS_FILE", "EvaluationPlan", "MaskSet", "mask_label",
+           "mask_name"]
 
 MASKS_FILE = "masks.safetensors"
 CATALOGUE_FILE = "masks.csv"
@@ -163,6 +165,40 @@ class MaskSet:
         rows = self.table[np.isclose(self.table["prune_ratio"], prune_ratio)]
         return {_label(row): self.masks[row["name"]] for _, row in rows.iterrows()}
 
+    def evaluation_plan(self, *, n_random: int, variant_ratios: Sequence[float] = ()
+                        ) -> EvaluationPlan:
+        """Which masks stage 06 evaluates, and as what, from the ``role`` stage 05 gave each.
+
+        At every ratio of a ``method`` mask (CAEP): CAEP, each ``baseline`` method (random: its
+        first ``n_random`` seeds), and the ``variant`` masks when the ratio is one of
+        ``variant_ratios``; then every ``domain`` mask (CAEP calibrated on one field).
+        """
+        table = self.table
+        if "role" not in table:
+            raise ValueError("the mask set has no 'role' column: stage 05 gives every mask one")
+        caep_rows = table[table["role"] == "method"]
+        ratios = sorted(caep_rows["prune_ratio"].unique())
+        caep = dict(zip(caep_rows["prune_ratio"], caep_rows["name"], strict=True))
+        names, baselines = [], {}
+        for ratio in ratios:
+            at_ratio = table[table["prune_ratio"] == ratio]
+            names.append(caep[ratio])
+            baselines[ratio] = {}
+            for row in at_ratio[at_ratio["role"] == "baseline"].itertuples():
+                chosen = baselines[ratio].setdefault(row.method, [])
+                if row.method != "random" or len(chosen) < n_random:
+                    chosen.append(row.name)
+            if any(math.isclose(ratio, chosen) for chosen in variant_ratios):
+                names += at_ratio.loc[at_ratio["role"] == "variant", "name"].tolist()
+            names += [name for group in baselines[ratio].values() for name in group]
+        domain_rows = table[table["role"] == "domain"]
+        domain = dict(zip(domain_rows["field"], domain_rows["name"], strict=True))
+        names += list(domain.values())
+        return EvaluationPlan(ratios=[float(r) for r in ratios],
+                              caep={float(r): name for r, name in caep.items()},
+                              baselines={float(r): b for r, b in baselines.items()},
+                              domain=domain, names=names)
+
     @property
     def shape(self) -> tuple[int, int]:
         """(n_moe_layers, n_experts) of every mask; the set must hold at least one."""
@@ -237,6 +273,30 @@ class MaskSet:
             raise ValueError(f"{CATALOGUE_FILE} in {folder} does not count the experts that "
                              f"{MASKS_FILE} keeps for {', '.join(table['name'][differ][:5])}")
         return cls(masks=masks, table=table)
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """What stage 06 evaluates (:meth:`MaskSet.evaluation_plan`).
+
+    Attributes
+    ----------
+    ratios : CAEP's pruning ratios, ascending
+    caep : ratio -> the name of CAEP's mask
+    baselines : ratio -> baseline method -> the names of its masks (random: one per seed)
+    domain : calibration field -> the name of CAEP's mask calibrated on that field alone
+    names : every mask to evaluate, in evaluation order
+    """
+
+    ratios: list[float]
+    caep: dict[float, str]
+    baselines: dict[float, dict[str, list[str]]]
+    domain: dict[str, str]
+    names: list[str]
+
+    def methods(self, ratio: float) -> dict[str, list[str]]:
+        """CAEP and every baseline at ``ratio``: method -> its masks' names."""
+        return {"caep": [self.caep[ratio]], **self.baselines[ratio]}
 
 
 def _counts(keep_mask: np.ndarray) -> dict[str, Any]:

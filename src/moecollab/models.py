@@ -348,6 +348,30 @@ def write_model_ref(folder: str | os.PathLike, model: str, *, trust_remote_code:
         "dtype": dtype or "auto", "device_map": device_map or ""})
 
 
+# Where stage 00 saves a model it trains and that model's untrained control (with the
+# tokenizer): the contract with stages 01-06.
+STAGE_MODEL_FOLDERS = {"trained": "model", "control": "control_model"}
+
+
+def save_stage_model(model, tokenizer, stage_00_folder: str | os.PathLike,
+                     of: str = "trained") -> Path:
+    """Save a model stage 00 built, and its tokenizer, where the later stages load it."""
+    if of not in STAGE_MODEL_FOLDERS:
+        raise ValueError(f"of must be one of {sorted(STAGE_MODEL_FOLDERS)}; got {of!r}")
+    folder = Path(stage_00_folder) / STAGE_MODEL_FOLDERS[of]
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def reference_checkpoint(stage_00_folder: str | os.PathLike) -> dict[str, Any]:
+    """How to load stage 00's model from its files: the pretrained checkpoint it recorded
+    (:func:`reference_settings`), or the folder of the model it trained."""
+    return reference_settings(stage_00_folder) or {
+        "model": str(Path(stage_00_folder) / STAGE_MODEL_FOLDERS["trained"]), "dtype": "auto",
+        "trust_remote_code": False, "device_map": ""}
+
+
 def reference_settings(stage_00_folder: str | os.PathLike) -> dict[str, Any] | None:
     """What :func:`write_model_ref` recorded, with defaults for older records; None when stage
     00 trained its own model."""
@@ -380,7 +404,7 @@ def load_reference_model(stage_00_folder: str | os.PathLike, *, device: str = "c
                           dtype=settings["dtype"] if dtype is None else dtype,
                           device_map=settings["device_map"] if device_map is None
                           else device_map)
-    return load_model(folder / "model", device=device,
+    return load_model(folder / STAGE_MODEL_FOLDERS["trained"], device=device,
                       **({"dtype": dtype} if dtype is not None else {}))
 
 
@@ -393,7 +417,7 @@ def load_control_model(stage_00_folder: str | os.PathLike, reference, *, seed: i
     first when two copies would not fit). A built control takes ``dtype`` (default: the
     reference model's) and the recorded ``device_map`` unless one is given.
     """
-    folder = Path(stage_00_folder) / "control_model"
+    folder = Path(stage_00_folder) / STAGE_MODEL_FOLDERS["control"]
     if folder.is_dir():
         return load_model(folder, device=device)[0]
     config = getattr(reference, "config", reference)

@@ -43,6 +43,7 @@ __all__ = [
     "paired_purity_difference",
     "resample_tasks",
     "separation",
+    "separation_table",
 ]
 
 #: Columns of the per-item table (one row per model, task and document). An optional ``cluster``
@@ -386,6 +387,50 @@ def separation(resampled: Resampled, methods: Mapping[str, str | Sequence[str]],
             "standard_error": standard_error,
             "z": (estimate / standard_error if standard_error > 0
                   else 0.0 if estimate == 0 else math.inf)}
+
+
+def separation_table(
+    items: pd.DataFrame,
+    methods_at: Mapping[float, Mapping[str, Sequence[str]]],
+    tasks_of_family: Mapping[str, Sequence[str]],
+    metric_of_family: Mapping[str, str],
+    *,
+    method: str = "caep",
+    n_resamples: int = 2000,
+    random_state: int = 0,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Can the methods be told apart? One row per item family and ratio.
+
+    For each family (its held-out tasks, scored by its metric) and ratio (the methods compared
+    there: method -> its models), the :func:`separation` of the best and the worst method, and
+    the widest paired interval of ``method`` against each other one: how small an effect the
+    items could show.
+
+    Returns
+    -------
+    DataFrame
+        ``family``, ``ratio``, ``best``, ``worst``, ``best minus worst``, ``standard error``,
+        ``z`` and ``widest CAEP interval (±)`` (the half-width, in the metric's units).
+    """
+    rows = []
+    for family, tasks in tasks_of_family.items():
+        for ratio, methods in methods_at.items():
+            resampled = resample_tasks(
+                items, [model for group in methods.values() for model in group],
+                metric_of_family[family], tasks=tasks, n_resamples=n_resamples,
+                random_state=random_state)
+            found = separation(resampled, methods, confidence=confidence)
+            against_others = [paired_difference(resampled, methods[method], group,
+                                                confidence=confidence)
+                              for name, group in methods.items() if name != method]
+            rows.append({
+                "family": family, "ratio": ratio, "best": found["best"],
+                "worst": found["worst"], "best minus worst": found["difference"].estimate,
+                "standard error": found["standard_error"], "z": found["z"],
+                "widest CAEP interval (±)": max((difference.high - difference.low) / 2
+                                                for difference in against_others)})
+    return pd.DataFrame(rows)
 
 
 @dataclass(frozen=True)
