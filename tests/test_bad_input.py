@@ -61,6 +61,11 @@ CLI_CASES = [
      "error: parameter 'top_k' of stage 00_model must be <= n_experts (128); got 129"),
     ("zero atoms", ["-p", "03_hsdl.n_atoms=[0]"],
      "error: parameter 'n_atoms' of stage 03_hsdl every element must be >= 1; got [0]"),
+    ("a sweep of zero atoms", ["-p", "03_hsdl.sweep_atoms=[8, 0]"],
+     "error: parameter 'sweep_atoms' of stage 03_hsdl every element must be >= 1; got [8, 0]"),
+    ("calibration on evaluated text", ["-p", "05_pruning.calibration_split=validation"],
+     "error: parameter 'calibration_split' of stage 05_pruning: 'validation' holds the held-out "
+     "entries whose cloze items stage 06 evaluates"),
     ("unknown field", ["-p", "domains=[biology, astrology]"],
      "error: parameter 'domains' of stage 00_model must be one of 'biology'"),
     ("unknown profile", ["--profile", "nope"], "error: unknown profile 'nope'; available:"),

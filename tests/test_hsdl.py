@@ -1,6 +1,8 @@
 """Tests of moecollab.hsdl: planted recovery, the scikit-learn contract, the loss by hand,
 coverage by hand, flat baselines."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -511,3 +513,26 @@ def test_hsdl_passes_sklearn_estimator_checks_except_the_listed_ones():
     assert not unexpected, f"checks that now fail: {unexpected}"
     now_passing = sorted(set(EXPECTED_FAILED_CHECKS) - set(failed))
     assert not now_passing, f"listed departures that now pass (remove them): {now_passing}"
+
+
+def test_the_runner_checks_stage_03_with_the_estimators_own_rules():
+    from moecollab import hsdl_params
+    from moecollab.stages import STAGES
+
+    checks = next(stage for stage in STAGES if stage.name == "03_hsdl").checks
+    for name in ("n_atoms", "lambda_codes", "lambda_recon", "lambda_sparse", "n_epochs",
+                 "batch_size", "lr"):
+        assert checks[name] is hsdl_params.RULES[name], name
+    assert checks["sweep_atoms"] is hsdl_params.RULES["n_atoms"]
+    assert checks["lr"].problem(2.0) is None  # the estimator allows it, so the plan does
+    # A subset is checked alone; each rule's message names the value.
+    hsdl_params.check_hsdl_params({"lr": 0.5})
+    for params, message in (({"lr": 0.0}, "lr must be a finite number > 0; got 0.0"),
+                            ({"batch_size": 2.5}, "batch_size must be a positive int; got 2.5"),
+                            ({"lambda_codes": -1}, "lambda_codes must be a finite number >= 0"),
+                            ({"n_atoms": []}, "n_atoms must be a non-empty tuple or list"),
+                            ({"init": "pca"}, "init must be 'nmf' or 'random'; got 'pca'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            hsdl_params.check_hsdl_params(params)
+    with pytest.raises(ValueError, match=re.escape("n_epochs must be a positive int; got 0")):
+        HSDL(n_atoms=(2,), n_epochs=0).fit(np.ones((4, 4)))

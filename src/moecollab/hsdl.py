@@ -31,6 +31,7 @@ from moecollab.hsdl_coverage import (
     atom_top_experts,
     coverage_at,
 )
+from moecollab.hsdl_params import check_hsdl_params
 from moecollab.hsdl_sparse import SparseBatch, sparse_residual, sparse_times_dense
 from moecollab.models import resolve_device
 
@@ -478,39 +479,7 @@ class HSDL(BaseEstimator):
     # ---- parameter checks -------------------------------------------------------------------
 
     def _check_params(self) -> torch.device:
-        n_atoms = self.n_atoms
-        if (
-            not isinstance(n_atoms, tuple | list)
-            or len(n_atoms) == 0
-            or not all(
-                isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 0
-                for k in n_atoms
-            )
-        ):
-            raise ValueError(
-                f"n_atoms must be a non-empty tuple or list of positive ints; got {n_atoms!r}"
-            )
-        for name in ("lambda_codes", "lambda_recon", "lambda_sparse"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-        for name in ("n_epochs", "lr_halving_epochs", "batch_size", "n_init"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if not isinstance(self.lr, numbers.Real) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0; got {self.lr!r}")
-        if self.init not in ("nmf", "random"):
-            raise ValueError(f"init must be 'nmf' or 'random'; got {self.init!r}")
-        if self.n_jobs is not None and (
-            not isinstance(self.n_jobs, numbers.Integral)
-            or isinstance(self.n_jobs, bool)
-            or (self.n_jobs < 1 and self.n_jobs != -1)
-        ):
-            raise ValueError(f"n_jobs must be None, -1 or a positive int; got {self.n_jobs!r}")
-        if self.distributed not in (True, False, "auto"):
-            raise ValueError(
-                f"distributed must be True, False or 'auto'; got {self.distributed!r}")
+        check_hsdl_params(self.get_params())
         return resolve_device(self.device)
 
     # ---- initialisation ---------------------------------------------------------------------

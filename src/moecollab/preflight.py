@@ -6,7 +6,9 @@ mistakes only show when stages are read together, or need a look at the model's 
 - the model to load does not exist, has no safetensors weights, or has no router we can read;
 - a pruning ratio leaves a layer fewer experts than the router picks per token (``top_k``),
   which a transformers model cannot run;
-- evaluation through vLLM is asked for, but stage 05 exports no pruned checkpoints.
+- evaluation through vLLM is asked for, but stage 05 exports no pruned checkpoints;
+- stage 05 would calibrate on the corpus split whose entries stage 06 evaluates;
+- stage 03 fits at sample level while stage 04 needs token-level codes.
 
 Each is reported as one :class:`~moecollab.params.ParameterError` line, before stage 00 trains
 or loads anything.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .budget import n_kept
+from .data.cloze import EVALUATED_SPLITS
 from .params import ParameterError
 
 
@@ -68,6 +71,14 @@ def check_plan(parameters: dict[str, dict[str, Any]],
             "parameter 'level' of stage 03_hsdl: 'sample' fits one row per sequence, and stage "
             "04_annotation needs token-level codes; use level token, or run stages up to "
             "03_hsdl only (--only 03_hsdl)")
+    pruning = parameters.get("05_pruning", {})
+    if (pruning.get("data_source", "embedded") == "embedded"
+            and pruning.get("calibration_split") in EVALUATED_SPLITS):
+        raise ParameterError(
+            f"parameter 'calibration_split' of stage 05_pruning: "
+            f"{pruning['calibration_split']!r} holds the held-out entries whose cloze items "
+            "stage 06 evaluates, and no pruning method may calibrate on evaluation text; "
+            "calibrate on train")
     evaluation = parameters.get("06_evaluation", {})
     if evaluation.get("backend") == "vllm" and not parameters.get("05_pruning", {}).get("export"):
         raise ParameterError(

@@ -7,78 +7,13 @@ that cannot be read off a literal live here, next to the stage they belong to.
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
+from . import hsdl_params
+from .checks import Check
 from .data.corpus import DOMAINS
 from .data.paper import FIELDS as PAPER_FIELDS
 from .data.sources import DATA_SOURCES, ITEM_FAMILIES
-
-
-@dataclass(frozen=True)
-class Check:
-    """A constraint on one parameter's value: a numeric range, a set of choices, or a pattern.
-
-    Examples
-    --------
-    >>> Check(low=0, high=1, high_open=True).problem(1.0)
-    'must be in [0, 1)'
-    >>> Check(choices=("cpu", "cuda", "auto")).problem("gpu")
-    "must be one of 'cpu', 'cuda', 'auto'"
-    >>> DEVICE.problem("cuda:1") is None, DEVICE.problem("gpu")
-    (True, "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    """
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[Any, ...] | None = None
-    each: bool = False  # apply to every element of a list value
-    pattern: str | None = None    # a regular expression a string value must match in full
-    pattern_text: str = ""        # how messages name what ``pattern`` allows
-
-    def describe(self) -> str:
-        if self.pattern is not None:
-            return self.pattern_text
-        if self.choices is not None:
-            return "one of " + ", ".join(repr(choice) for choice in self.choices)
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
-        if self.low is None:
-            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
-
-    def problem(self, value: Any) -> str | None:
-        """A short description of what is wrong with ``value``, or None when it is allowed."""
-        values = value if self.each and isinstance(value, list) else [value]
-        for item in values:
-            if self.pattern is not None:
-                if not isinstance(item, str) or not re.fullmatch(self.pattern, item):
-                    return f"must be {self.describe()}"
-                continue
-            if self.choices is not None:
-                if item not in self.choices:
-                    return f"must be {self.describe()}"
-                continue
-            if isinstance(item, bool) or not isinstance(item, int | float) or math.isnan(item):
-                return f"must be a number {self.describe()}"
-            too_low = self.low is not None and (item <= self.low if self.low_open
-                                                else item < self.low)
-            too_high = self.high is not None and (item >= self.high if self.high_open
-                                                  else item > self.high)
-            if too_low or too_high:
-                prefix = "every element must be" if self.each else "must be"
-                return f"{prefix} {self.describe()}"
-        return None
-
-
-def _number(value: float | None) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
 
 POSITIVE = Check(low=1)
 NON_NEGATIVE = Check(low=0)
@@ -178,18 +113,16 @@ STAGES: tuple[Stage, ...] = (
         checks={
             "level": Check(choices=("token", "sample")),
             "value": Check(choices=("weight", "binary")),
-            "n_atoms": Check(low=1, each=True),
-            "lambda_codes": NON_NEGATIVE,
-            "lambda_recon": NON_NEGATIVE,
-            "lambda_sparse": NON_NEGATIVE,
-            "n_epochs": POSITIVE,
-            "batch_size": POSITIVE,
-            "lr": Check(low=0, high=1, low_open=True),
+            # The estimator's own rules (moecollab.hsdl_params), for its parameters and for
+            # the sweep's values of them; the rest are the notebook's.
+            **{name: hsdl_params.RULES[name] for name in (
+                "n_atoms", "lambda_codes", "lambda_recon", "lambda_sparse", "n_epochs",
+                "batch_size", "lr")},
+            "sweep_atoms": hsdl_params.RULES["n_atoms"],
+            "sweep_lambda_codes": replace(hsdl_params.RULES["lambda_codes"], each=True),
+            "sweep_epochs": hsdl_params.RULES["n_epochs"],
             "max_samples": NON_NEGATIVE,
             "sweep_samples": Check(low=100),
-            "sweep_atoms": Check(low=1, each=True),
-            "sweep_lambda_codes": Check(low=0, each=True),
-            "sweep_epochs": POSITIVE,
         },
     ),
     Stage(

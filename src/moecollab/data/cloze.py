@@ -130,7 +130,12 @@ def _blanks(headword: str, definition: str, cues: dict[str, str], field: str,
     return found
 
 
-def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = ("validation", "test"),
+#: The corpus splits whose entries become evaluation items (stage 00's default): nothing a
+#: pruning method learns from may come from them (checked at plan time by moecollab.preflight).
+EVALUATED_SPLITS: tuple[str, ...] = ("validation", "test")
+
+
+def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = EVALUATED_SPLITS,
                      n_choices: int = 4, min_specificity: float = 0.5, tokenizer=None,
                      max_option_tokens: int = 1, min_context_words: int = 3,
                      min_count: int = 5, blanks_per_entry: int = 0,
