@@ -100,7 +100,7 @@ class _PlainText:
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageHandle:
     """One stage notebook's handle: its output folder, its inputs, and what it records.
 
     Made by :func:`open_stage`. Every method writes through :mod:`moecollab.artifacts`, so
@@ -168,7 +168,7 @@ class Stage:
 
 
 def open_stage(name: str, profile: str, artifacts_root: str | os.PathLike | None = None,
-               output_dir: str | os.PathLike = "") -> Stage:
+               output_dir: str | os.PathLike = "") -> StageHandle:
     """The handle of stage ``name``, with its output folder made.
 
     ``output_dir`` is where the runner wants this run's outputs (a temporary folder it moves
@@ -188,4 +188,4 @@ def open_stage(name: str, profile: str, artifacts_root: str | os.PathLike | None
     root = Path(artifacts_root) if artifacts_root else None
     out = Path(output_dir) if output_dir else artifacts.stage_dir(profile, name, root)
     out.mkdir(parents=True, exist_ok=True)
-    return Stage(name=name, profile=profile, artifacts_root=root, out=out)
+    return StageHandle(name=name, profile=profile, artifacts_root=root, out=out)
