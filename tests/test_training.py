@@ -183,6 +183,29 @@ def test_training_is_deterministic_for_a_seed():
     assert torch.equal(weights[0], weights[1])
 
 
+def test_training_on_two_threads_is_deterministic_too():
+    # 128 experts: enough parallel work for two threads to sum the experts' token gradients
+    # in a varying order, which made two runs of the default model part after 6 steps.
+    config = models.embedded_config(vocab_size=512, n_layers=2, hidden_size=64, n_heads=2,
+                                    n_experts=128, top_k=4, expert_size=16, seq_len=64)
+    blocks = training.TokenBlocks(
+        torch.randint(0, 512, (64, 64), generator=torch.Generator().manual_seed(0)), ["a"] * 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = []
+        for _ in range(3):
+            model = models.build_model(config, seed=0)
+            training.train(model, blocks, blocks.select(range(4)), n_steps=3, batch_size=16,
+                           lr=3e-3, balance_coef=0.2, eval_every=100, seed=0, device="cpu",
+                           progress=False)
+            weights.append(torch.cat([p.detach().ravel() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[0], weights[2])
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+
+
 def test_tokenizer_round_trips_text():
     tokenizer = models.train_tokenizer(["the acid reacts with the base"] * 50 +
                                        ["a writ issued by authority of law"] * 50, vocab_size=300)
