@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from . import artifacts
+
 GLUE_PREFIX = "application/papermill.record/"  # myst_nb.glue's prefix for values not displayed
 DATA_ATTRIBUTE = "moecollab_data_file"  # set on a figure by artifacts.save_figure
 
@@ -114,14 +116,12 @@ class StageHandle:
 
     def input(self, stage: str) -> Path:
         """The verified folder of an earlier stage (a clear error naming the stage to run)."""
-        from . import artifacts
-
         return artifacts.load_stage(self.profile, stage, self.artifacts_root)
 
     @cached_property
     def routing_healthy(self) -> bool:
         """Stage 00's routing-health verdict: structure claims are judged only when it passed."""
-        from . import artifacts, claims
+        from . import claims
 
         return claims.routing_health_passed(
             artifacts.read_json(self.input("00_model") / "verdict.json"))
@@ -131,22 +131,16 @@ class StageHandle:
 
         Returns nothing, so that a cell ending with it shows no path.
         """
-        from . import artifacts
-
         artifacts.save_figure(self.out / file, figure, data=data)
         glue(glue_name, figure)
 
     def table(self, file: str, table):
         """Write ``table`` as ``file`` (.csv or .parquet) and return it, for the cell to show."""
-        from . import artifacts
-
         artifacts.write_table(self.out / file, table)
         return table
 
     def write_json(self, file: str, obj: Any) -> None:
         """Write ``obj`` as ``file``, key-sorted JSON (returns nothing: no path on the page)."""
-        from . import artifacts
-
         artifacts.write_json(self.out / file, obj)
 
     def glue(self, **values: Any) -> None:
@@ -183,8 +177,6 @@ def open_stage(name: str, profile: str, artifacts_root: str | os.PathLike | None
     >>> stage.out == root / "demo" / "02_coactivation", stage.out.is_dir()
     (True, True)
     """
-    from . import artifacts
-
     root = Path(artifacts_root) if artifacts_root else None
     out = Path(output_dir) if output_dir else artifacts.stage_dir(profile, name, root)
     out.mkdir(parents=True, exist_ok=True)

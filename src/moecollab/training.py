@@ -202,6 +202,20 @@ def evaluate_loss(model, blocks: TokenBlocks, batch_size: int, device) -> float:
     return evaluate_blocks(model, blocks, batch_size, device, loads=False)[0]
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """torch's deterministic algorithms while the block runs, then the caller's setting again.
+    ``warn_only``: an operation without a deterministic version (on a GPU) warns, not fails."""
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
+
+
+@_deterministic_algorithms()
 def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n_steps: int,
           batch_size: int, lr: float, balance_coef: float, eval_every: int, seed: int,
           device, specialisation_coef: float = 0.0, warmup_ratio: float = 0.05,
@@ -220,32 +234,6 @@ def train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n
     evaluation also counts the experts below ``min_expert_share`` of the uniform load on the
     validation blocks, so the log shows when routing became balanced.
     """
-    with _deterministic_algorithms():
-        return _train(model, train_blocks, validation_blocks, n_steps=n_steps,
-                      batch_size=batch_size, lr=lr, balance_coef=balance_coef,
-                      eval_every=eval_every, seed=seed, device=device,
-                      specialisation_coef=specialisation_coef, warmup_ratio=warmup_ratio,
-                      weight_decay=weight_decay, min_expert_share=min_expert_share,
-                      balance_window=balance_window, progress=progress)
-
-
-@contextlib.contextmanager
-def _deterministic_algorithms():
-    """torch's deterministic algorithms while the block runs, then the caller's setting again.
-    ``warn_only``: an operation without a deterministic version (on a GPU) warns, not fails."""
-    was_on = torch.are_deterministic_algorithms_enabled()
-    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was_on, warn_only=was_warn_only)
-
-
-def _train(model, train_blocks: TokenBlocks, validation_blocks: TokenBlocks, *, n_steps: int,
-           batch_size: int, lr: float, balance_coef: float, eval_every: int, seed: int,
-           device, specialisation_coef: float, warmup_ratio: float, weight_decay: float,
-           min_expert_share: float, balance_window: int, progress: bool) -> TrainingLog:
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
