@@ -439,15 +439,26 @@ def test_stage_01s_traces_are_found_by_model(captured_trace, tmp_path):
     from moecollab.trace import load_stage_trace, stage_trace_folder
 
     captured_trace.save(stage_trace_folder(tmp_path, "trained"))
-    assert stage_trace_folder(tmp_path, "control") == tmp_path / "control_trace"
+    assert stage_trace_folder(tmp_path, of="control") == tmp_path / "control_trace"
     _assert_same_trace(captured_trace, load_stage_trace(tmp_path))
     assert load_stage_trace(tmp_path, "control") is None  # capture_control was off
     captured_trace.select(np.arange(3)).save(stage_trace_folder(tmp_path, "control"))
     assert len(load_stage_trace(tmp_path, "control")) == 3
     with pytest.raises(FileNotFoundError):  # the trained model's trace is never optional
         load_stage_trace(tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match=r"model must be one of \['control', 'trained'\]"):
+    with pytest.raises(ValueError, match=r"of must be one of \['control', 'trained'\]"):
         load_stage_trace(tmp_path, "twin")
+
+
+def test_every_per_stage_reader_and_writer_names_its_model_of():
+    # One name for "which model" (trained or control) across the stage contract.
+    import inspect
+
+    from moecollab import hsdl, models, trace
+
+    for function in (trace.stage_trace_folder, trace.load_stage_trace, hsdl.save_stage_fit,
+                     hsdl.load_stage_fit, models.save_stage_model):
+        assert inspect.signature(function).parameters["of"].default == "trained", function
 
 
 def test_streamed_capture_equals_in_memory(tmp_path):

@@ -648,19 +648,23 @@ class _MemorySink:
 STAGE_TRACE_FOLDERS = {"trained": "trace", "control": "control_trace"}
 
 
-def stage_trace_folder(capture_folder: str | os.PathLike, model: str = "trained") -> Path:
-    """Where stage 01 writes the trace of ``model`` (``trained`` or ``control``)."""
-    if model not in STAGE_TRACE_FOLDERS:
-        raise ValueError(f"model must be one of {sorted(STAGE_TRACE_FOLDERS)}; got {model!r}")
-    return Path(capture_folder) / STAGE_TRACE_FOLDERS[model]
+def stage_trace_folder(capture_folder: str | os.PathLike, of: str = "trained") -> Path:
+    """Where stage 01 writes the trace of ``of`` (``trained`` or ``control``).
+
+    ``of`` names the model as every per-stage reader and writer does
+    (:func:`moecollab.models.save_stage_model`, :func:`moecollab.hsdl.load_stage_fit`).
+    """
+    if of not in STAGE_TRACE_FOLDERS:
+        raise ValueError(f"of must be one of {sorted(STAGE_TRACE_FOLDERS)}; got {of!r}")
+    return Path(capture_folder) / STAGE_TRACE_FOLDERS[of]
 
 
 def load_stage_trace(capture_folder: str | os.PathLike,
-                     model: str = "trained") -> RoutingTrace | None:
-    """Stage 01's trace of ``model``; None for a control that was not captured
+                     of: str = "trained") -> RoutingTrace | None:
+    """Stage 01's trace of ``of``; None for a control that was not captured
     (``capture_control`` off). The trained model's trace is always there: a missing one is an
     error."""
-    folder = stage_trace_folder(capture_folder, model)
-    if model == "control" and not folder.is_dir():
+    folder = stage_trace_folder(capture_folder, of)
+    if of == "control" and not folder.is_dir():
         return None
     return RoutingTrace.load(folder)
