@@ -89,3 +89,17 @@ def test_codes_are_checked_when_made_too():
         HSDLCodes(([[0.5]],))
     with pytest.raises(ValueError, match="different row counts"):
         HSDLCodes((np.ones((2, 1)), np.ones((3, 1))))
+
+
+def test_load_checks_the_levels_once(tmp_path, monkeypatch):
+    from moecollab import hsdl_codes
+
+    places = []
+    check = hsdl_codes._check_levels
+    monkeypatch.setattr(hsdl_codes, "_check_levels",
+                        lambda levels, *, where: places.append(where) or check(levels,
+                                                                               where=where))
+    HSDLCodes(planted_levels()).save(tmp_path / CODES_FILE)
+    places.clear()
+    HSDLCodes.load(tmp_path / CODES_FILE)
+    assert places == [str(tmp_path / CODES_FILE)]  # once, naming the file

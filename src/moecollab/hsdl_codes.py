@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,9 @@ class HSDLCodes:
         ``HSDL.transform(X)``: level 1 first; one row per row of ``X`` (a token, or a sample
         when stage 03 fits at sample level), the same rows at every level.
 
+    source : str, default "HSDLCodes"
+        What an error names as the codes' origin (:meth:`load` passes the file); not stored.
+
     Raises
     ------
     ValueError
@@ -57,10 +60,12 @@ class HSDLCodes:
     """
 
     levels: tuple[np.ndarray, ...]
+    source: InitVar[str] = "HSDLCodes"
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, source: str) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
-        _check_levels(self.levels, where="HSDLCodes")
+        # The one check of the levels, whether they were made or read from a file.
+        _check_levels(self.levels, where=source)
 
     @property
     def n_levels(self) -> int:
@@ -120,9 +125,7 @@ class HSDLCodes:
         if len(numbers) != len(stored) or numbers != list(range(1, len(stored) + 1)):
             raise ValueError(f"{path} holds keys {sorted(stored)}; HSDL codes are stored under "
                              f"level1, level2, … without gaps (expected {expected})")
-        levels = tuple(stored[key] for key in expected)
-        _check_levels(levels, where=str(path))
-        codes = cls(levels)
+        codes = cls(tuple(stored[key] for key in expected), source=str(path))
         if n_tokens is not None and codes.n_rows != n_tokens:
             raise ValueError(
                 f"{path} has {codes.n_rows:,} rows of codes but the trace has {n_tokens:,} "
