@@ -137,3 +137,12 @@ def test_every_cue_of_an_entry_gives_an_item_last_first():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_cloze_items(_corpus(), **kwargs)
+
+
+def test_the_evaluated_splits_are_the_held_out_group_of_the_sources():
+    # One home: stage 01's split=held_out, the cloze items' splits and preflight's check.
+    from moecollab import preflight
+    from moecollab.data import cloze, sources
+
+    assert cloze.EVALUATED_SPLITS is sources.SPLIT_GROUPS["held_out"]
+    assert preflight.EVALUATED_SPLITS is cloze.EVALUATED_SPLITS

@@ -164,11 +164,11 @@ def _init_process_group() -> torch.device:
 
 def _capture_command(args: argparse.Namespace, device: torch.device) -> None:
     from moecollab import data, models, tokens
+    from moecollab.data.sources import SPLIT_GROUPS
 
     model, tokenizer = models.load_reference_model(Path(args.model), device=str(device))
     corpus = data.load_corpus(domains=args.domains or None)
-    splits = {"held_out": ["validation", "test"], "all": ["train", "validation", "test"]}
-    entries = corpus[corpus["split"].isin(splits.get(args.split, [args.split]))]
+    entries = corpus[corpus["split"].isin(SPLIT_GROUPS.get(args.split, (args.split,)))]
     n_domains = entries["domain"].nunique()
     blocks = tokens.pack_documents(entries, tokenizer, seq_len=args.seq_len,
                                    max_tokens_per_domain=args.max_tokens // n_domains,

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 
 from . import hsdl_params
 from .checks import Check
-from .data.corpus import DOMAINS
+from .data.corpus import DOMAINS, SPLITS
 from .data.paper import FIELDS as PAPER_FIELDS
-from .data.sources import DATA_SOURCES, ITEM_FAMILIES
+from .data.sources import DATA_SOURCES, ITEM_FAMILIES, SPLIT_GROUPS
 
 POSITIVE = Check(low=1)
 NON_NEGATIVE = Check(low=0)
@@ -94,7 +94,7 @@ STAGES: tuple[Stage, ...] = (
         checks={
             "domains": ANY_FIELD,
             "data_source": DATA_SOURCE,
-            "split": Check(choices=("train", "validation", "test", "held_out", "all")),
+            "split": Check(choices=(*SPLITS, *SPLIT_GROUPS)),
             "max_tokens": POSITIVE,
             "seq_len": Check(low=8, high=32768),
             "batch_size": POSITIVE,

@@ -29,6 +29,7 @@ import pandas as pd
 
 from moecollab.data.corpus import DOMAINS, SPLITS
 from moecollab.data.mcq import shorten_definition
+from moecollab.data.sources import SPLIT_GROUPS
 
 #: Columns of an item table (those of :data:`moecollab.data.mcq.MCQ_COLUMNS`, so the same
 #: lm-eval writer takes both).
@@ -132,7 +133,8 @@ def _blanks(headword: str, definition: str, cues: dict[str, str], field: str,
 
 #: The corpus splits whose entries become evaluation items (stage 00's default): nothing a
 #: pruning method learns from may come from them (checked at plan time by moecollab.preflight).
-EVALUATED_SPLITS: tuple[str, ...] = ("validation", "test")
+#: The held-out splits, as stage 01's ``split=held_out`` names them.
+EVALUATED_SPLITS: tuple[str, ...] = SPLIT_GROUPS["held_out"]
 
 
 def make_cloze_items(corpus: pd.DataFrame, *, splits: tuple[str, ...] = EVALUATED_SPLITS,

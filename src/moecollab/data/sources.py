@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..artifacts import Manifest, write_table
 from . import paper
-from .corpus import load_corpus
+from .corpus import SPLITS, load_corpus
 from .word_cloze import make_word_cloze_items
 
 DATA_SOURCES = ("embedded", "paper")
@@ -43,7 +43,8 @@ ITEM_FILES = {"mcq": "mcq_items.parquet", "cloze": "cloze_items.parquet"}
 ITEM_COLUMNS = ("item_id", "domain", "split", "question", "choices", "answer", "entry_id")
 _FAMILY_COLUMNS = {"mcq": ITEM_COLUMNS, "cloze": (*ITEM_COLUMNS, "entry_split")}
 #: Corpus splits named by stage 01's ``split`` parameter beyond the three real ones.
-SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": ("train", "validation", "test")}
+#: ``held_out`` is also what stage 06 evaluates (``moecollab.data.cloze.EVALUATED_SPLITS``).
+SPLIT_GROUPS = {"held_out": ("validation", "test"), "all": SPLITS}
 
 
 def _check(data_source: str) -> None:
