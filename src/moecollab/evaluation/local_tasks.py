@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from moecollab.artifacts import atomic_path, read_json
+from moecollab.data.sources import ITEM_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ ACCURACY_METRICS = {"mcq": "acc_norm", "cloze": "acc", "word": "acc"}
 # (moecollab.evaluation.cache.CACHE_FORMAT); nothing reads it back.
 _MANIFEST_FORMAT = 2
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# The item columns a task is written from: every item's (moecollab.data.sources), less
+# ``entry_id``, which is copied when present and only groups documents (document_clusters).
+_TASK_ITEM_COLUMNS = tuple(column for column in ITEM_COLUMNS if column != "entry_id")
 _MANIFEST_SUFFIX = "_tasks.json"
 
 
@@ -125,9 +129,10 @@ def write_mcq_tasks(
     Parameters
     ----------
     items : DataFrame
-        As made by :func:`moecollab.data.make_mcq_items`: columns ``item_id``, ``domain``,
-        ``split``, ``term``, ``question``, ``choices`` (list of str) and ``answer`` (int index
-        of the right choice).
+        As made by :func:`moecollab.data.make_mcq_items`: the columns every item has
+        (:data:`moecollab.data.sources.ITEM_COLUMNS`: ``item_id``, ``domain``, ``split``,
+        ``question``, ``choices`` (list of str), ``answer`` (int index of the right choice)
+        and ``entry_id``, which may be missing here); ``term`` is copied when present.
     task_dir : path
         Folder for the files (created). Files of an earlier call with the same ``prefix`` that
         this call no longer writes are removed.
@@ -162,8 +167,7 @@ def write_mcq_tasks(
     same bytes.
     """
     prefix = _check_name("prefix", prefix)
-    needed = {"item_id", "domain", "split", "question", "choices", "answer"}
-    missing = sorted(needed - set(items.columns))
+    missing = sorted(set(_TASK_ITEM_COLUMNS) - set(items.columns))
     if missing:
         raise ValueError(f"items lacks column(s) {', '.join(missing)}; expected the output of "
                          "moecollab.data.make_mcq_items")
