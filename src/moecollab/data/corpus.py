@@ -135,7 +135,17 @@ def _read_jsonl_gz(path: Path, required: Iterable[str], what: str) -> list[dict]
     return rows
 
 
-def _check_domain_names(domains: Iterable[str]) -> tuple[str, ...]:
+def check_domain_names(domains: Iterable[str]) -> tuple[str, ...]:
+    """``domains`` as a tuple, in the order given, if each is one of :data:`DOMAINS`.
+
+    The one check of field names: :func:`load_corpus` and the stages' readers
+    (:mod:`moecollab.data.sources`) use it. A single str is one name.
+
+    Raises
+    ------
+    CorpusError
+        An unknown name, or no names.
+    """
     if isinstance(domains, str):
         domains = (domains,)
     domains = tuple(domains)
@@ -174,7 +184,7 @@ def load_corpus(
         A malformed line, a missing field, an unknown value, a requested domain that is absent,
         or an empty split of a requested domain.
     """
-    selected = DOMAINS if domains is None else _check_domain_names(domains)
+    selected = DOMAINS if domains is None else check_domain_names(domains)
     corpus_path = _resolve(path, CORPUS_FILENAME)
     rows = _read_jsonl_gz(corpus_path, CORPUS_COLUMNS, "corpus")
     allowed_values = {"domain": DOMAINS, "split": SPLITS, "source": SOURCES}

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..artifacts import Manifest, write_table
 from . import paper
-from .corpus import SPLITS, load_corpus
+from .corpus import DOMAINS, SPLITS, check_domain_names, load_corpus
 from .word_cloze import make_word_cloze_items
 
 DATA_SOURCES = ("embedded", "paper")
@@ -134,16 +134,10 @@ def evaluated_entry_splits(model_folder: str | os.PathLike) -> set[str]:
     return set(read_items(model_folder, "cloze", columns=["entry_split"])["entry_split"])
 
 
-def _fields_of(corpus: pd.DataFrame, fields: Sequence[str] | None) -> list[str]:
-    """The corpus's fields, sorted, restricted to ``fields`` (which must all exist)."""
-    available = sorted(corpus["domain"].unique())
-    if fields is None:
-        return available
-    unknown = sorted(set(fields) - set(available))
-    if unknown or not fields:
-        raise ValueError(f"fields must be a non-empty list of the corpus's fields; got "
-                         f"{list(fields)!r}, unknown {unknown}; fields: {', '.join(available)}")
-    return [field for field in available if field in fields]
+def _fields_of(fields: Sequence[str] | None) -> list[str]:
+    """``fields`` (default every field of the corpus), sorted by name, each checked by the
+    corpus's own check of field names (``load_corpus`` holds every one of them)."""
+    return sorted(set(DOMAINS if fields is None else check_domain_names(fields)))
 
 
 def calibration_entries(data_source: str, *, split: str = "validation",
@@ -163,7 +157,7 @@ def calibration_entries(data_source: str, *, split: str = "validation",
         mmlu = paper.load_mmlu(paper_data_dir, cache_dir=cache_dir)
         return paper.calibration_entries(mmlu, mmlu_pro), list(paper.FIELDS)
     corpus = load_corpus()
-    chosen = _fields_of(corpus, fields)
+    chosen = _fields_of(fields)
     return corpus[(corpus["split"] == split) & corpus["domain"].isin(chosen)], chosen
 
 
@@ -208,7 +202,7 @@ def evaluation_data(data_source: str, *, model_folder: str | os.PathLike | None 
         tables.append(table.assign(family=family))
     items = pd.concat(tables, ignore_index=True)
     corpus = load_corpus()
-    chosen = _fields_of(corpus, fields)
+    chosen = _fields_of(fields)
     items = items[items["domain"].isin(chosen)].reset_index(drop=True)
     held_out = corpus[corpus["split"] == "test"].sample(frac=1.0, random_state=seed)
     held_out = held_out[held_out["domain"].isin(chosen)]
