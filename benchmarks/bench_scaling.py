@@ -89,7 +89,7 @@ def timed(function) -> float:
 def time_coactivation(ids: np.ndarray, n_experts: int) -> float:
     def work():
         selected = coactivation.selection_matrix(ids, n_experts)
-        shuffled = coactivation.shuffled_selection(ids, n_experts, random_state=0)
+        shuffled = coactivation.shuffled_selection(selected, n_experts, random_state=0)
         coactivation.lift_summary(selected, shuffled, n_experts)
         coactivation.top_pairs(selected, n=20, n_experts=n_experts, cross_layer_only=True,
                                 min_count=10)
@@ -99,13 +99,15 @@ def time_coactivation(ids: np.ndarray, n_experts: int) -> float:
 def time_triplets(ids: np.ndarray, n_experts: int) -> float:
     """The old way: list every cross-layer triplet with NumPy, then sort (what top_triplets did
     before the census; ``n=None`` still takes this path)."""
-    return timed(lambda: coactivation.top_triplets(ids, n=None, n_experts=n_experts,
+    return timed(lambda: coactivation.top_triplets(coactivation.selection_matrix(ids, n_experts),
+                                                   n=None, n_experts=n_experts,
                                                    cross_layer_only=True, min_count=10))
 
 
 def time_census(ids: np.ndarray, n_experts: int, threads: int) -> float:
     """The new way: the exact census of all triplets (what coverage needs) plus the top 20."""
-    return timed(lambda: triplet_census(ids, n_experts=n_experts, n_top=20, n_jobs=threads))
+    return timed(lambda: triplet_census(coactivation.selection_matrix(ids, n_experts),
+                                        n_experts=n_experts, n_top=20, n_jobs=threads))
 
 
 def time_old_hsdl_epoch(X: sparse.csr_array, threads: int, batch_size: int = 512) -> float:

@@ -120,13 +120,26 @@ def test_selection_matrix_matches_routing_trace():
     ours = coactivation.selection_matrix(expert_ids, 5)
     theirs = trace.to_matrix(level="token", value="binary")
     assert (ours != (theirs != 0)).nnz == 0
-    # A trace is accepted wherever expert ids are.
-    assert (coactivation.shuffled_selection(trace, random_state=3)
-            != coactivation.shuffled_selection(expert_ids, 5, random_state=3)).nnz == 0
-    from_trace, from_matrix = (coactivation.triplet_ranking(x, cross_layer_only=False)
-                              for x in (trace, ours))
-    assert from_trace[0] == from_matrix[0]
-    np.testing.assert_array_equal(from_trace[1], from_matrix[1])
+    # Either way of building the selection matrix serves every function alike.
+    assert (coactivation.shuffled_selection(theirs, 5, random_state=3)
+            != coactivation.shuffled_selection(ours, 5, random_state=3)).nnz == 0
+    from_trace, from_ids = (coactivation.triplet_ranking(x, cross_layer_only=False)
+                            for x in (theirs, ours))
+    assert from_trace[0] == from_ids[0]
+    np.testing.assert_array_equal(from_trace[1], from_ids[1])
+
+
+@pytest.mark.parametrize("function", [
+    lambda x: coactivation.expert_frequency(x),
+    lambda x: coactivation.shuffled_selection(x, 5),
+    lambda x: coactivation.triplet_ranking(x, cross_layer_only=False),
+    lambda x: coactivation.load_balance(x, 5),
+])
+def test_expert_ids_are_refused_with_how_to_build_the_selection_matrix(function):
+    # One input convention: the selection matrix; expert ids (3-D) are not read as one.
+    with pytest.raises(ValueError, match=r"got shape \(20, 3, 2\); build the selection "
+                                         r"matrix with selection_matrix\(expert_ids"):
+        function(random_routing(20, 3, 5, 2, seed=1))
 
 
 # --- sparse implementation against a plain loop ---------------------------------------------
@@ -199,7 +212,7 @@ def test_shuffled_null_keeps_marginals_and_breaks_cross_layer_links():
     n_experts, top_k = 8, 2
     expert_ids = planted_routing(20_000, n_experts, top_k, 1)
     selected = coactivation.selection_matrix(expert_ids, n_experts)
-    null = coactivation.shuffled_selection(expert_ids, n_experts, random_state=0)
+    null = coactivation.shuffled_selection(selected, n_experts, random_state=0)
     assert null.shape == selected.shape and null.nnz == selected.nnz
     # Every layer's usage of every expert is kept exactly ...
     np.testing.assert_array_equal(coactivation.expert_frequency(null),
@@ -215,12 +228,12 @@ def test_shuffled_null_keeps_marginals_and_breaks_cross_layer_links():
     assert np.abs(np.log2(null_lift)).mean() < 0.05
     assert coactivation.adjacent_layer_lift(null, n_experts, 0)[3, 5] == pytest.approx(1,
                                                                                         abs=0.15)
-    # The same null from the sparse matrix, deterministic for a seed.
-    again = coactivation.shuffled_selection(selected, n_experts, random_state=0)
-    np.testing.assert_array_equal(coactivation.expert_frequency(again),
-                                  coactivation.expert_frequency(selected))
-    assert (coactivation.shuffled_selection(expert_ids, n_experts, random_state=0)
-            != null).nnz == 0
+    # Deterministic for a seed: each layer's rows moved by its own permutation, drawn in layer
+    # order (the same null as permuting the layer's expert ids).
+    rng = np.random.default_rng(0)
+    moved = np.stack([expert_ids[rng.permutation(len(expert_ids)), layer]
+                      for layer in range(expert_ids.shape[1])], axis=1)
+    assert (coactivation.selection_matrix(moved, n_experts) != null).nnz == 0
     summary = coactivation.lift_summary(selected, null, n_experts)
     assert list(summary.columns) == ["observed", "shuffled null"]
     assert summary.loc["max_lift", "observed"] == pytest.approx(4, rel=0.05)
@@ -264,13 +277,13 @@ def test_triplet_floor_and_top_triplets():
     selected = coactivation.selection_matrix(expert_ids, 4)
     frequency = coactivation.expert_frequency(selected)
     floor = float(np.median(frequency))
-    triplets, counts = coactivation.triplet_ranking(expert_ids, n_experts=4,
+    triplets, counts = coactivation.triplet_ranking(selected, n_experts=4,
                                                     cross_layer_only=False,
                                                     min_expert_frequency=floor)
     frequent = set(np.flatnonzero(frequency >= floor).tolist())
     expected = {t: c for t, c in brute_force_triplets(selected).items() if set(t) <= frequent}
     assert dict(zip(triplets, counts.tolist(), strict=True)) == expected
-    table = coactivation.top_triplets(expert_ids, 3, n_experts=4, cross_layer_only=True,
+    table = coactivation.top_triplets(selected, 3, n_experts=4, cross_layer_only=True,
                                       min_count=2)
     assert len(table) == 3
     assert (table["layer_a"] < table["layer_b"]).all() and (table["layer_b"] < table["layer_c"]
@@ -286,14 +299,15 @@ def test_triplet_floor_and_top_triplets():
 
 def test_domain_similarity_load_balance_and_cluster_order():
     expert_ids = np.array([[[0, 1]], [[0, 1]], [[2, 3]], [[2, 3]], [[0, 2]], [[0, 1]]])
-    similarity = coactivation.domain_similarity(expert_ids, list("aabbcc"), 4, ["a", "b", "c"])
+    selected = coactivation.selection_matrix(expert_ids, 4)
+    similarity = coactivation.domain_similarity(selected, list("aabbcc"), 4, ["a", "b", "c"])
     assert similarity.shape == (3, 3)
     np.testing.assert_allclose(np.diag(similarity), 1.0)
     assert similarity[0, 1] == pytest.approx(0.0)
     order = coactivation.cluster_order(similarity)
     assert sorted(order.tolist()) == [0, 1, 2]
     assert abs(order.tolist().index(0) - order.tolist().index(2)) == 1  # a and c together
-    balance = coactivation.load_balance(expert_ids, 4)
+    balance = coactivation.load_balance(selected, 4)
     row = balance.iloc[0]
     # counts [4, 3, 3, 2] of 12: shares 1/3, 1/4, 1/4, 1/6
     fractions = np.array([4, 3, 3, 2]) / 12
@@ -302,6 +316,23 @@ def test_domain_similarity_load_balance_and_cluster_order():
     assert (row["max_share"], row["min_share"]) == pytest.approx((4 / 3, 2 / 3))
     assert row["coefficient_of_variation"] == pytest.approx(np.std([4, 3, 3, 2]) / 3)
     assert row["n_unused_experts"] == 0
+
+
+
+def test_usage_from_the_selection_matrix_equals_stage_00s_from_expert_ids():
+    # Stage 00's routing-health check counts expert ids; stage 02 counts the same selections
+    # from the matrix: the same numbers, bit for bit.
+    from moecollab import routing_health
+
+    expert_ids = random_routing(300, 3, 6, 2, seed=8)
+    domains = np.array(list("abc"))[np.random.default_rng(8).integers(0, 3, 300)]
+    selected = coactivation.selection_matrix(expert_ids, 6)
+    np.testing.assert_array_equal(coactivation._layer_counts(selected, 6),
+                                  routing_health.expert_counts(expert_ids, 6))
+    np.testing.assert_array_equal(
+        coactivation.domain_similarity(selected, domains, 6, ["c", "a", "b"]),
+        routing_health.cosine_matrix(routing_health.domain_usage(expert_ids, domains, 6,
+                                                                 ["c", "a", "b"])))
 
 
 @pytest.mark.parametrize(
@@ -316,7 +347,7 @@ def test_domain_similarity_load_balance_and_cluster_order():
          "min_count"),
         (lambda s: coactivation.triplet_ranking(s, cross_layer_only=False,
                                                 min_expert_frequency=2), "min_expert"),
-        (lambda s: coactivation.shuffled_selection(s), "n_experts"),
+        (lambda s: coactivation.shuffled_selection(s, 5), "n_experts"),
     ],
 )
 def test_bad_arguments_are_named(call, match):
@@ -337,8 +368,8 @@ def test_figures_are_returned_and_closed():
     n_experts = 8
     expert_ids = planted_routing(2_000, n_experts, 2, 2)
     selected = coactivation.selection_matrix(expert_ids, n_experts)
-    null = coactivation.shuffled_selection(expert_ids, n_experts, random_state=0)
-    balance = coactivation.load_balance(expert_ids, n_experts)
+    null = coactivation.shuffled_selection(selected, n_experts, random_state=0)
+    balance = coactivation.load_balance(selected, n_experts)
     similarity = np.array([[1.0, 0.2, 0.8], [0.2, 1.0, 0.3], [0.8, 0.3, 1.0]])
     block = coactivation.adjacent_layer_lift(selected, n_experts, 0)
     block[0] = np.nan  # an expert that never fires stays blank
@@ -349,8 +380,9 @@ def test_figures_are_returned_and_closed():
         plotting.top_pairs_bars(coactivation.top_pairs(selected, 10, n_experts=n_experts,
                                                        cross_layer_only=True)),
         plotting.top_pairs_bars(pd.DataFrame(coactivation.top_triplets(
-            np.concatenate([expert_ids, expert_ids[:, :1]], axis=1), 5, n_experts=n_experts,
-                cross_layer_only=True))),
+            coactivation.selection_matrix(np.concatenate([expert_ids, expert_ids[:, :1]], axis=1),
+                                          n_experts),
+            5, n_experts=n_experts, cross_layer_only=True))),
         plotting.clustered_similarity(similarity, ["math", "law", "physics"],
                                       coactivation.cluster_order(similarity)),
         plotting.load_balance_plot(balance, balance.assign(normalised_entropy=0.5)),

@@ -1,11 +1,13 @@
 """Which experts fire together on the same token, and how much more often than chance.
 
-Everything here works on the token-level selection matrix ``selected``: a scipy sparse array of
-shape ``(n_tokens, n_columns)`` with one column per (MoE layer, expert), column
-``layer * n_experts + expert``, and a nonzero entry where the token selected that expert
-(``RoutingTrace.to_matrix(level="token", value="binary")`` or :func:`selection_matrix`). Tokens ×
-experts is never densified; the ``(n_columns, n_columns)`` co-occurrence matrix is (a few thousand
-columns at most).
+Every analysis function here takes one input, the token-level selection matrix ``selected``: an
+array of shape ``(n_tokens, n_columns)``, scipy sparse (as built) or dense, with one column per
+(MoE layer, expert), column ``layer * n_experts + expert``, and a nonzero entry where the token
+selected that expert. Build it with :func:`selection_matrix` from top-k expert ids or with
+``RoutingTrace.to_matrix(level="token", value="binary")`` (the same matrix); any nonzero counts
+as one selection. Functions that need to know which columns form a layer also take
+``n_experts``. Tokens × experts is never densified; the ``(n_columns, n_columns)``
+co-occurrence matrix is (a few thousand columns at most).
 
 Statistics for a pair of experts ``a``, ``b`` (paper Fig. 2, Fig. 6):
 
@@ -39,7 +41,6 @@ from scipy.cluster import hierarchy
 from scipy.spatial.distance import squareform
 
 from moecollab import layout, routing_health
-from moecollab.trace import RoutingTrace
 from moecollab.triplet_counts import triplet_census
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ _TRIPLET_CHUNK_CODES = 2**23
 # --------------------------------------------------------------------------------------------
 
 
+_BUILD_HINT = ("; build the selection matrix with selection_matrix(expert_ids, n_experts) or "
+               "RoutingTrace.to_matrix(level='token', value='binary')")
+
+
 def _as_selection(selected: Any) -> sparse.csr_array:
     """``selected`` as canonical CSR of int64 zeros and ones (duplicates summed first)."""
     if sparse.issparse(selected):
@@ -84,12 +89,12 @@ def _as_selection(selected: Any) -> sparse.csr_array:
     else:
         array = np.asarray(selected)
         if array.ndim != 2:
-            raise ValueError(
-                f"selected must be 2-D (n_tokens, n_columns); got shape {array.shape}"
-            )
+            raise ValueError(f"selected must be 2-D (n_tokens, n_columns); got shape "
+                             f"{array.shape}{_BUILD_HINT}")
         matrix = sparse.csr_array(array)
     if matrix.ndim != 2:
-        raise ValueError(f"selected must be 2-D (n_tokens, n_columns); got shape {matrix.shape}")
+        raise ValueError(f"selected must be 2-D (n_tokens, n_columns); got shape "
+                         f"{matrix.shape}{_BUILD_HINT}")
     if matrix.shape[0] == 0:
         raise ValueError("selected must have at least one token (row); got 0 rows")
     matrix.sum_duplicates()
@@ -368,8 +373,8 @@ def adjacent_layer_lift(selected: Any, n_experts: int | Sequence[int], layer: in
 
 
 def shuffled_selection(
-    trace_or_expert_ids: RoutingTrace | np.ndarray | Any,
-    n_experts: int | Sequence[int] | None = None,
+    selected: Any,
+    n_experts: int | Sequence[int],
     random_state: int | np.random.Generator | None = None,
 ) -> sparse.csr_array:
     """A null model for co-activation: each layer's routing reassigned to a random token.
@@ -382,13 +387,13 @@ def shuffled_selection(
 
     Parameters
     ----------
-    trace_or_expert_ids : RoutingTrace, ndarray or sparse array
-        A :class:`~moecollab.trace.RoutingTrace`; or ``expert_ids`` of shape
-        ``(n_tokens, n_layers, top_k)``; or a selection matrix ``(n_tokens, n_columns)``.
-    n_experts : int or sequence of int, optional
-        Routed experts per layer; required unless a trace is given.
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert).
+    n_experts : int or sequence of int
+        Routed experts per layer (which columns form each layer).
     random_state : int, Generator or None
-        Seed of the permutations; the same seed gives the same matrix.
+        Seed of the permutations (one per layer, drawn in layer order); the same seed gives
+        the same matrix.
 
     Returns
     -------
@@ -398,40 +403,23 @@ def shuffled_selection(
     Examples
     --------
     >>> ids = np.array([[[0], [0]], [[0], [0]], [[1], [1]], [[1], [1]]])
-    >>> null = shuffled_selection(ids, 2, random_state=0)
-    >>> expert_frequency(null).tolist() == expert_frequency(selection_matrix(ids, 2)).tolist()
+    >>> selected = selection_matrix(ids, 2)
+    >>> null = shuffled_selection(selected, 2, random_state=0)
+    >>> expert_frequency(null).tolist() == expert_frequency(selected).tolist()
     True
     """
     rng = np.random.default_rng(random_state)
-    if isinstance(trace_or_expert_ids, RoutingTrace):
-        if n_experts is None:
-            n_experts = list(trace_or_expert_ids.n_experts_per_layer)
-        trace_or_expert_ids = trace_or_expert_ids.expert_ids
-    if n_experts is None:
-        raise ValueError("n_experts is required unless a RoutingTrace is given; got None")
-    if sparse.issparse(trace_or_expert_ids) or np.ndim(trace_or_expert_ids) == 2:
-        matrix = _as_selection(trace_or_expert_ids)
-        layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
-        n_tokens = matrix.shape[0]
-        blocks = []
-        for layer in range(int(layer_of[-1]) + 1):
-            columns = np.flatnonzero(layer_of == layer)
-            block = matrix[:, columns[0] : columns[-1] + 1]
-            blocks.append(block[rng.permutation(n_tokens)])
-        shuffled = sparse.csr_array(sparse.hstack(blocks, format="csr") != 0)
-        shuffled.sort_indices()
-        return shuffled
-    expert_ids = np.asarray(trace_or_expert_ids)
-    if expert_ids.ndim != 3:
-        raise ValueError(
-            "trace_or_expert_ids must be a RoutingTrace, expert_ids (n_tokens, n_layers, top_k) "
-            f"or a selection matrix (n_tokens, n_columns); got shape {expert_ids.shape}"
-        )
-    n_tokens, n_layers, _ = expert_ids.shape
-    shuffled_ids = np.empty_like(expert_ids)
-    for layer in range(n_layers):
-        shuffled_ids[:, layer, :] = expert_ids[rng.permutation(n_tokens), layer, :]
-    return selection_matrix(shuffled_ids, n_experts)
+    matrix = _as_selection(selected)
+    layer_of, _ = layout.column_layout(n_experts, matrix.shape[1])
+    n_tokens = matrix.shape[0]
+    blocks = []
+    for layer in range(int(layer_of[-1]) + 1):
+        columns = np.flatnonzero(layer_of == layer)
+        block = matrix[:, columns[0] : columns[-1] + 1]
+        blocks.append(block[rng.permutation(n_tokens)])
+    shuffled = sparse.csr_array(sparse.hstack(blocks, format="csr") != 0)
+    shuffled.sort_indices()
+    return shuffled
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,21 +567,6 @@ def top_pairs(
 # --------------------------------------------------------------------------------------------
 
 
-def _selection_from_any(
-    expert_ids_or_selected: Any, n_experts: int | Sequence[int] | None
-) -> tuple[sparse.csr_array, int | Sequence[int] | None]:
-    """A selection matrix from a RoutingTrace, expert ids or a selection matrix."""
-    value = expert_ids_or_selected
-    if isinstance(value, RoutingTrace):
-        n_experts = list(value.n_experts_per_layer) if n_experts is None else n_experts
-        return _as_selection(selection_matrix(value.expert_ids, n_experts)), n_experts
-    if not sparse.issparse(value) and np.ndim(value) == 3:
-        if n_experts is None:
-            raise ValueError("n_experts is required with expert_ids; got None")
-        return _as_selection(selection_matrix(np.asarray(value), n_experts)), n_experts
-    return _as_selection(value), n_experts
-
-
 def _triplet_plan(
     width: int, position_layers: np.ndarray | None
 ) -> list[tuple[int, np.ndarray, int]]:
@@ -708,7 +681,7 @@ def _count_triplets(
 
 
 def _ranked_triplets(
-    expert_ids_or_selected: Any,
+    selected: Any,
     n_experts: int | Sequence[int] | None,
     cross_layer_only: bool,
     min_count: int,
@@ -717,7 +690,7 @@ def _ranked_triplets(
     _check_min_count(min_count)
     if not 0 <= min_expert_frequency <= 1:
         raise ValueError(f"min_expert_frequency must be in [0, 1]; got {min_expert_frequency!r}")
-    matrix, n_experts = _selection_from_any(expert_ids_or_selected, n_experts)
+    matrix = _as_selection(selected)
     layer_of = None
     if cross_layer_only:
         if n_experts is None:
@@ -734,7 +707,7 @@ def _ranked_triplets(
 
 
 def triplet_ranking(
-    expert_ids_or_selected: Any,
+    selected: Any,
     *,
     n_experts: int | Sequence[int] | None = None,
     cross_layer_only: bool,
@@ -756,11 +729,10 @@ def triplet_ranking(
 
     Parameters
     ----------
-    expert_ids_or_selected : RoutingTrace, ndarray or sparse array
-        A trace; ``expert_ids`` of shape ``(n_tokens, n_layers, top_k)`` (then ``n_experts`` is
-        required); or a selection matrix ``(n_tokens, n_columns)``.
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert).
     n_experts : int or sequence of int, optional
-        Routed experts per layer; needed with expert ids or ``cross_layer_only``.
+        Routed experts per layer; needed only with ``cross_layer_only``.
     cross_layer_only : bool
         Keep only triplets whose three experts lie in three different layers; False: all
         triplets, as in the paper's enumeration. Required.
@@ -784,13 +756,13 @@ def triplet_ranking(
     ([(0, 1, 2), (1, 2, 3), (0, 1, 3), (0, 2, 3)], array([2, 2, 1, 1]))
     """
     _, _, triplets, counts = _ranked_triplets(
-        expert_ids_or_selected, n_experts, cross_layer_only, min_count, min_expert_frequency
+        selected, n_experts, cross_layer_only, min_count, min_expert_frequency
     )
     return [tuple(row) for row in triplets.tolist()], counts
 
 
 def top_triplets(
-    expert_ids_or_selected: Any,
+    selected: Any,
     n: int | None = 20,
     *,
     n_experts: int | Sequence[int],
@@ -803,9 +775,8 @@ def top_triplets(
 
     Parameters
     ----------
-    expert_ids_or_selected : RoutingTrace, ndarray or sparse array
-        A trace, ``expert_ids`` of shape ``(n_tokens, n_layers, top_k)``, or a selection
-        matrix ``(n_tokens, n_columns)``.
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert).
     n : int or None
         Number of triplets to return; None for all.
     n_experts : int or sequence of int
@@ -829,7 +800,7 @@ def top_triplets(
     Examples
     --------
     >>> ids = np.array([[[0], [1], [0]], [[0], [1], [0]], [[1], [0], [1]]])  # 3 layers, top-1
-    >>> table = top_triplets(ids, 1, n_experts=2, cross_layer_only=True)
+    >>> table = top_triplets(selection_matrix(ids, 2), 1, n_experts=2, cross_layer_only=True)
     >>> table[["expert_a", "expert_b", "expert_c", "count", "lift"]].to_dict("records")
     [{'expert_a': 0, 'expert_b': 3, 'expert_c': 4, 'count': 2, 'lift': 2.25}]
     """
@@ -837,11 +808,11 @@ def top_triplets(
         raise ValueError(f"n must be a positive int or None; got {n!r}")
     if n is None:
         matrix, _, triplets, counts = _ranked_triplets(
-            expert_ids_or_selected, n_experts, cross_layer_only, min_count, min_expert_frequency
+            selected, n_experts, cross_layer_only, min_count, min_expert_frequency
         )
     else:
         # The first n of the ranking without listing it (exact; see moecollab.triplet_counts).
-        matrix, _ = _selection_from_any(expert_ids_or_selected, n_experts)
+        matrix = _as_selection(selected)
         census = triplet_census(matrix, n_experts=n_experts, cross_layer_only=cross_layer_only,
                                 min_count=min_count, min_expert_frequency=min_expert_frequency,
                                 n_top=int(n), n_jobs=n_jobs)
@@ -961,17 +932,25 @@ def lift_summary(
 # --------------------------------------------------------------------------------------------
 
 
+def _layer_counts(matrix: sparse.csr_array, n_experts: int) -> np.ndarray:
+    """Selections per expert in each layer, int64 of shape ``(n_layers, n_experts)``."""
+    n_layers = len(layout.per_layer_counts(n_experts, n_columns=matrix.shape[1]))
+    return np.asarray(matrix.sum(axis=0), dtype=np.int64).reshape(n_layers, n_experts)
+
+
 def domain_similarity(
-    expert_ids: np.ndarray, token_domains: Sequence[str], n_experts: int, domains: Sequence[str]
+    selected: Any, token_domains: Sequence[str], n_experts: int, domains: Sequence[str]
 ) -> np.ndarray:
     """Cosine similarity between the domains' expert-usage vectors (paper Fig. 7).
 
-    A thin wrapper over :func:`moecollab.routing_health.domain_usage` and
+    The usage vectors of :func:`moecollab.routing_health.domain_usage` (each domain's
+    selections, as shares of every layer's), counted from the selection matrix, and their
     :func:`~moecollab.routing_health.cosine_matrix`; read it beside the untrained control.
 
     Parameters
     ----------
-    expert_ids : ndarray of int, shape (n_tokens, n_layers, top_k)
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert).
     token_domains : sequence of str, length n_tokens
     n_experts : int
         Routed experts per layer.
@@ -985,10 +964,15 @@ def domain_similarity(
     Examples
     --------
     >>> ids = np.array([[[0]], [[0]], [[1]], [[0]]])
-    >>> domain_similarity(ids, ["a", "a", "b", "b"], 2, ["a", "b"]).round(3).tolist()
+    >>> domain_similarity(selection_matrix(ids, 2), ["a", "a", "b", "b"], 2, ["a", "b"]
+    ...                   ).round(3).tolist()
     [[1.0, 0.707], [0.707, 1.0]]
     """
-    usage = routing_health.domain_usage(expert_ids, token_domains, n_experts, domains)
+    matrix = _as_selection(selected)
+    token_domains = np.asarray(token_domains)
+    usage = np.vstack([
+        routing_health.layer_shares(_layer_counts(matrix[token_domains == domain], n_experts))
+        .ravel() for domain in domains])
     return routing_health.cosine_matrix(usage)
 
 
@@ -1029,12 +1013,13 @@ def cluster_order(similarity: np.ndarray, method: str = "average") -> np.ndarray
     return hierarchy.leaves_list(linkage).astype(np.int64)
 
 
-def load_balance(expert_ids: np.ndarray, n_experts: int) -> pd.DataFrame:
+def load_balance(selected: Any, n_experts: int) -> pd.DataFrame:
     """How evenly each layer spreads its tokens over its experts.
 
     Parameters
     ----------
-    expert_ids : ndarray of int, shape (n_tokens, n_layers, top_k)
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert).
     n_experts : int
         Routed experts per layer.
 
@@ -1050,15 +1035,14 @@ def load_balance(expert_ids: np.ndarray, n_experts: int) -> pd.DataFrame:
     Examples
     --------
     >>> ids = np.array([[[0, 1]], [[0, 1]], [[0, 2]], [[0, 3]]])  # 1 layer, top-2
-    >>> load_balance(ids, 4)[["entropy_bits", "normalised_entropy", "max_share"]].to_dict(
-    ...     "records")
+    >>> load_balance(selection_matrix(ids, 4), 4)[
+    ...     ["entropy_bits", "normalised_entropy", "max_share"]].to_dict("records")
     [{'entropy_bits': 1.75, 'normalised_entropy': 0.875, 'max_share': 2.0}]
     """
     if n_experts < 2:
         raise ValueError(f"n_experts must be >= 2 for a balance statistic; got {n_experts!r}")
-    counts = routing_health.expert_counts(np.asarray(expert_ids), n_experts).astype(float)
-    totals = counts.sum(axis=1, keepdims=True)
-    fraction = counts / np.where(totals == 0, 1, totals)
+    counts = _layer_counts(_as_selection(selected), n_experts).astype(float)
+    fraction = routing_health.layer_shares(counts)
     with np.errstate(divide="ignore", invalid="ignore"):
         entropy = -np.where(fraction > 0, fraction * np.log2(fraction), 0.0).sum(axis=1)
     share = fraction * n_experts

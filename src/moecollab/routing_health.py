@@ -32,6 +32,20 @@ def expert_counts(expert_ids: np.ndarray, n_experts: int) -> np.ndarray:
     return counts.reshape(n_layers, n_experts)
 
 
+def layer_shares(counts: np.ndarray) -> np.ndarray:
+    """Each layer's selection counts, shape ``(n_layers, n_experts)``, as shares of that layer's
+    selections (float; a layer without selections stays all zero).
+
+    Examples
+    --------
+    >>> layer_shares(np.array([[2, 1, 1], [0, 0, 0]])).tolist()
+    [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0]]
+    """
+    counts = np.asarray(counts, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    return counts / np.where(totals == 0, 1, totals)
+
+
 def expert_share(expert_ids: np.ndarray, n_experts: int) -> np.ndarray:
     """Each expert's share of its layer's selections relative to the uniform share (1 = even).
 
@@ -50,12 +64,8 @@ def domain_usage(expert_ids: np.ndarray, token_domains: Sequence[str], n_experts
     the layers are concatenated (column ``layer · n_experts + expert``).
     """
     token_domains = np.asarray(token_domains)
-    rows = []
-    for domain in domains:
-        counts = expert_counts(expert_ids[token_domains == domain], n_experts).astype(float)
-        totals = counts.sum(axis=1, keepdims=True)
-        rows.append((counts / np.where(totals == 0, 1, totals)).ravel())
-    return np.vstack(rows)
+    return np.vstack([layer_shares(expert_counts(expert_ids[token_domains == domain],
+                                                 n_experts)).ravel() for domain in domains])
 
 
 def cosine_matrix(vectors: np.ndarray) -> np.ndarray:

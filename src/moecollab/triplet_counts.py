@@ -396,11 +396,11 @@ def triplet_census(
 
     Parameters
     ----------
-    selected : RoutingTrace, ndarray or sparse array
-        A trace; ``expert_ids`` of shape ``(n_tokens, n_layers, top_k)`` (then ``n_experts`` is
-        required); or a selection matrix ``(n_tokens, n_columns)``.
+    selected : sparse array of bool, shape (n_tokens, n_columns)
+        Token-level selections, one column per (layer, expert)
+        (:func:`moecollab.coactivation.selection_matrix`).
     n_experts : int or sequence of int, optional
-        Routed experts per layer; needed with expert ids or ``cross_layer_only``.
+        Routed experts per layer; needed only with ``cross_layer_only``.
     cross_layer_only : bool
         Rank only triplets from three different layers. Default False: all triplets, as in the
         paper's enumeration.
@@ -430,8 +430,8 @@ def triplet_census(
     [3.0, 1.0]
     """
     from moecollab.coactivation import (  # here: coactivation imports this module
+        _as_selection,
         _check_min_count,
-        _selection_from_any,
     )
     from moecollab.layout import column_layout
 
@@ -443,7 +443,7 @@ def triplet_census(
     if n_jobs is not None and (not isinstance(n_jobs, int | np.integer)
                                or (n_jobs < 1 and n_jobs != -1)):
         raise ValueError(f"n_jobs must be None, -1 or a positive int; got {n_jobs!r}")
-    matrix, n_experts = _selection_from_any(selected, n_experts)
+    matrix = _as_selection(selected)
     layer_of = None
     if cross_layer_only:
         if n_experts is None:
