@@ -79,3 +79,17 @@ def test_task_families_read_the_manifests_not_the_names(tmp_path):
         evaluation.task_families(["my_study_mcq_test", "my_study_cloze_test"], tmp_path)
     with pytest.raises(ValueError, match="known: none"):
         evaluation.task_families(["arc_challenge"], tmp_path / "empty")
+
+
+def test_write_mcq_tasks_needs_the_item_columns_of_the_sources(tmp_path):
+    # One home for the item columns: every column data.sources requires of an item, but
+    # entry_id (which only groups documents into clusters), must be there.
+    from moecollab.data import sources
+
+    items = tiny_items()
+    for column in sources.ITEM_COLUMNS:
+        if column == "entry_id":
+            evaluation.write_mcq_tasks(items.drop(columns=column), tmp_path)
+            continue
+        with pytest.raises(ValueError, match=rf"items lacks column\(s\) {column}; expected"):
+            evaluation.write_mcq_tasks(items.drop(columns=column), tmp_path)
