@@ -20,16 +20,14 @@ from moecollab.evaluation import harness, hub_environment
 
 def test_evaluate_mcq_tasks_groups_limit_and_cache(model, tokenizer, task_dir, cache_dir,
                                                    monkeypatch):
-    import lm_eval
-
     calls = []
-    real_simple_evaluate = lm_eval.simple_evaluate
+    real_run = harness._run_lm_eval
 
-    def counting_simple_evaluate(*args, **kwargs):
-        calls.append(kwargs["tasks"])
-        return real_simple_evaluate(*args, **kwargs)
+    def counting_run(model, tokenizer, tasks, *args, **kwargs):   # one lm-eval run
+        calls.append(tasks)
+        return real_run(model, tokenizer, tasks, *args, **kwargs)
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", counting_simple_evaluate)
+    monkeypatch.setattr(harness, "_run_lm_eval", counting_run)
     tasks = ["moecollab_mcq_test", "moecollab_mcq_train"]
     raw = evaluation.evaluate(model, tokenizer, tasks, task_dir, model_key="tiny",
                               cache_dir=cache_dir, limit=3, batch_size=8)
@@ -52,17 +50,17 @@ def test_evaluate_mcq_tasks_groups_limit_and_cache(model, tokenizer, task_dir, c
             assert group["value"].item() == pytest.approx(members["value"].mean())
 
     # Second call: every result from the cache, lm-eval not called.
-    def failing_simple_evaluate(*args, **kwargs):
-        raise AssertionError("simple_evaluate called although results are cached")
+    def failing_run(*args, **kwargs):
+        raise AssertionError("lm-eval run although results are cached")
 
-    monkeypatch.setattr(lm_eval, "simple_evaluate", failing_simple_evaluate)
+    monkeypatch.setattr(harness, "_run_lm_eval", failing_run)
     again = evaluation.evaluate(model, tokenizer, tasks, task_dir, model_key="tiny",
                                 cache_dir=cache_dir, limit=3, batch_size=8)
     assert again["cached"] == tasks and again["evaluated"] == []
     pd.testing.assert_frame_equal(evaluation.results_table(again), table)
 
     # Only the new task runs when one is added.
-    monkeypatch.setattr(lm_eval, "simple_evaluate", counting_simple_evaluate)
+    monkeypatch.setattr(harness, "_run_lm_eval", counting_run)
     calls.clear()
     more = evaluation.evaluate(model, tokenizer, [*tasks, "moecollab_mcq_law_test"], task_dir,
                                model_key="tiny", cache_dir=cache_dir, limit=2, batch_size=8)

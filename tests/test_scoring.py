@@ -89,6 +89,35 @@ def test_each_input_is_read_once_inside_the_longest_it_begins(model, tokenizer, 
     assert len(rows) == 4 + 1 + 1 + 1
 
 
+def test_a_batch_holds_at_most_max_batch_tokens_padded_positions(model, tokenizer,
+                                                                  monkeypatch):
+    # Inputs are read longest first; a cap on padded positions splits a batch where a long
+    # input would pad many short ones, and changes no result beyond float rounding.
+    requests = _requests(tokenizer, max_length=64)
+    results, shapes = {}, {}
+    for cap in (10**6, 40):
+        shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=8,
+                                 max_length=64, max_batch_tokens=cap)
+        seen: list[tuple[int, int]] = []
+        original = shared._score_batch
+
+        def recording(windows, positions, original=original, seen=seen):
+            seen.append((len(windows), max(len(window) for window in windows)))
+            return original(windows, positions)
+
+        monkeypatch.setattr(shared, "_score_batch", recording)
+        results[cap] = shared._loglikelihood_tokens(requests, disable_tqdm=True)
+        shapes[cap] = seen
+    assert all(count * longest <= 40 or count == 1 for count, longest in shapes[40])
+    assert any(count * longest > 40 for count, longest in shapes[10**6])  # the cap bit
+    assert sum(count for count, _ in shapes[40]) == sum(count for count, _ in shapes[10**6])
+    np.testing.assert_allclose([value for value, _ in results[40]],
+                               [value for value, _ in results[10**6]], rtol=0, atol=1e-5)
+    assert [greedy for _, greedy in results[40]] == [greedy for _, greedy in results[10**6]]
+    with pytest.raises(ValueError, match="max_batch_tokens must be a positive int"):
+        SharedContextLM(pretrained=model, tokenizer=tokenizer, max_batch_tokens=0)
+
+
 def _cloze_items() -> pd.DataFrame:
     rows = []
     for index, word in enumerate(WORDS):

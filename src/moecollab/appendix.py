@@ -23,7 +23,7 @@ from .artifacts import MANIFEST_NAME
 from .stages import STAGES
 
 GENERATED_FOLDER = "book/generated"
-BENCHMARK_ORDER = ("capture", "hsdl", "pruning", "runner", "training")
+BENCHMARK_ORDER = ("capture", "hsdl", "pruning", "runner", "training", "evaluation")
 
 
 def write_appendix_parts(root: Path, profile_folder: Path) -> list[Path]:

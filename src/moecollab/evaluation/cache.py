@@ -104,7 +104,7 @@ def _files_hash(task_dir: Path, files: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _definition_hashes(names: Sequence[str], task_dir: str | os.PathLike | None
+def definition_hashes(names: Sequence[str], task_dir: str | os.PathLike | None
                        ) -> dict[str, str]:
     """Hash of the files that define each task; lm-eval's own tasks are keyed by name only."""
     info = read_task_manifests(task_dir)
@@ -125,7 +125,7 @@ def cache_key_dicts(tasks: Sequence[str], task_dir: str | os.PathLike | None, *,
                     model_key: str, limit: int | float | None, num_fewshot: int,
                     max_length: int | None, bootstrap_iters: int) -> dict[str, dict[str, Any]]:
     """The cache key of each task, as a dict (:func:`key_digest` hashes it)."""
-    hashes = _definition_hashes(tasks, task_dir)
+    hashes = definition_hashes(tasks, task_dir)
     version = lm_eval_version()
     return {
         name: {

@@ -93,11 +93,64 @@ def _shared_encodings(tokenizer: Any) -> dict:
         return {}
 
 
+# Loaded lm-eval tasks, kept between the models of one process. Loading reads every task's
+# dataset and simple_evaluate adds a report of the machine (subprocesses) each time: together
+# several seconds per model, as much as scoring a small model. Keyed by the tasks' names and
+# the hashes of the files that define them, so a rewritten task file is loaded again.
+_LOADED_TASKS: dict[tuple, dict] = {}
+_LOADED_TASKS_KEPT = 4
+
+
+def _loaded_tasks(tasks: list[str], task_dir: str | os.PathLike | None) -> dict:
+    """lm-eval's ``TaskManager.load`` of ``tasks``, memoised per process."""
+    from lm_eval.tasks import TaskManager
+
+    from moecollab.evaluation.cache import definition_hashes
+
+    key = (str(task_dir), tuple(tasks), tuple(sorted(definition_hashes(tasks, task_dir).items())))
+    if key not in _LOADED_TASKS:
+        # Indexing lm-eval's own few thousand YAMLs takes ~5 s: skip it when every task is
+        # local.
+        local = read_task_manifests(task_dir)
+        manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None,
+                              include_defaults=not all(name in local for name in tasks))
+        if len(_LOADED_TASKS) >= _LOADED_TASKS_KEPT:
+            _LOADED_TASKS.pop(next(iter(_LOADED_TASKS)))
+        loaded = manager.load(tasks)
+        for task in loaded["tasks"].values():
+            _docs_as_rows(task)
+        _LOADED_TASKS[key] = loaded
+    return _LOADED_TASKS[key]
+
+
+def _docs_as_rows(task: Any) -> None:
+    """Keep a loaded task's evaluated documents as a list of dicts, which lm-eval accepts.
+
+    lm-eval reads every document twice per model (to build requests, then to score them), and
+    a ``datasets.Dataset`` decodes each row each time: ~1.3 s per model for stage 06's tasks.
+    Only tasks whose documents go to lm-eval unprocessed (no ``process_docs``), as local ones.
+    """
+    import datasets
+
+    config = getattr(task, "config", None)
+    dataset = getattr(task, "dataset", None)
+    if config is None or dataset is None or getattr(config, "process_docs", None) is not None:
+        return
+    split = config.test_split or config.validation_split
+    if split is not None and isinstance(dataset.get(split), datasets.Dataset):
+        dataset[split] = dataset[split].to_list()
+
+
 def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | os.PathLike |
                  None, *, limit: int | float | None, batch_size: int, max_length: int | None,
                  num_fewshot: int, bootstrap_iters: int, random_seed: int) -> dict[str, Any]:
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    """lm-eval's ``simple_evaluate`` on an in-memory model, its steps done here so that the
+    loaded tasks serve every model of a process (same numbers: tests/test_lm_eval_steps.py
+    compares the two)."""
+    import random
+
+    import torch
+    from lm_eval.evaluator import evaluate
 
     from moecollab.scoring import SharedContextLM
 
@@ -107,18 +160,21 @@ def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | o
     language_model = SharedContextLM(pretrained=model, tokenizer=tokenizer,
                                      batch_size=batch_size, max_length=max_length,
                                      encodings=_shared_encodings(tokenizer))
-    # Indexing lm-eval's own few thousand YAMLs takes ~5 s: skip it when every task is local.
-    local = read_task_manifests(task_dir)
-    task_manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None,
-                               include_defaults=not all(name in local for name in tasks))
-    with _preserved_global_rngs():  # simple_evaluate seeds python's, numpy's and torch's RNGs
-        raw = lm_eval.simple_evaluate(
-            model=language_model, tasks=list(tasks), task_manager=task_manager, limit=limit,
-            num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=bootstrap_iters,
-            random_seed=random_seed, numpy_random_seed=random_seed,
-            torch_random_seed=random_seed, fewshot_random_seed=random_seed)
+    with _preserved_global_rngs():
+        # simple_evaluate's seeding, then its per-task settings, then its call of evaluate.
+        random.seed(random_seed)
+        np.random.seed(random_seed)
+        torch.manual_seed(random_seed)
+        loaded = _loaded_tasks(list(tasks), task_dir)
+        for task in loaded["tasks"].values():
+            if task.get_config("num_fewshot") != 0:  # a task's explicit 0 is never overridden
+                task.set_config(key="num_fewshot", value=num_fewshot)
+            task.set_fewshot_seed(seed=random_seed)
+        raw = evaluate(lm=language_model, task_dict=loaded, limit=limit,
+                       bootstrap_iters=bootstrap_iters, log_samples=True,
+                       fewshot_as_multiturn=True, verbosity=None)
     if raw is None:  # only on non-zero ranks of a distributed run
-        raise RuntimeError("lm_eval.simple_evaluate returned no results")
+        raise RuntimeError("lm_eval.evaluator.evaluate returned no results")
     return raw
 
 
