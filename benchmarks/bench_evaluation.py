@@ -156,7 +156,7 @@ def main() -> None:
                    "value": f"{median['HFLM'] / median['harness']:.2f}x faster"}],
                settings=f"{n_items} four-option items (two families asking the same blanks, "
                         f"{n_fields} fields, {per_definition} blanks per definition of 30 words) "
-                        "+ 20 perplexity texts per field; {n_models} random "
+                        f"+ 20 perplexity texts per field; {n_models} random "
                         "keep-masks (router masking) of a random 4x128-expert model; median",
                extra={"seconds": times})
 
