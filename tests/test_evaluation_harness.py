@@ -289,6 +289,17 @@ def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer,
         n_workers=2, **settings)
     assert n_distinct == 2  # all_kept is the unpruned model: one key, evaluated once
 
+    def no_worker(*args, **kwargs):
+        raise AssertionError("a worker was started although every result is cached")
+
+    import subprocess
+
+    with monkeypatch.context() as patch:   # everything cached: no worker starts
+        patch.setattr(subprocess, "Popen", no_worker)
+        assert evaluation.evaluate_masks_in_workers(
+            tmp_path / "stage_00", masks, task, task_dir, cache_dir=tmp_path / "cache",
+            n_workers=2, **settings) == 0
+
     def fail(*args, **kwargs):
         raise AssertionError("every result should come from the workers' cache")
 

@@ -10,6 +10,7 @@ needs (:func:`entries_of_raw`, :func:`compact_samples`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ __all__ = [
 CACHE_FORMAT = 2
 
 
+@functools.cache   # read from the package metadata once per process, not once per key
 def lm_eval_version() -> str:
     """The installed lm-eval's version (part of every cache key)."""
     try:
@@ -174,6 +176,12 @@ def task_cache_keys(
 
 def _cache_path(cache_dir: Path, name: str, key: Mapping[str, Any]) -> Path:
     return cache_dir / "lm_eval_results" / f"{name}.{key_digest(key)[:20]}.json"
+
+
+def is_cached(cache_dir: Path, name: str, key: Mapping[str, Any]) -> bool:
+    """Whether task ``name`` has a cached result file under ``key`` (not read: a stale or
+    unreadable one is found, and evaluated again, by :func:`load_cached`)."""
+    return _cache_path(cache_dir, name, key).is_file()
 
 
 def load_cached(cache_dir: Path, name: str, key: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from moecollab.evaluation.cache import (
     compact_samples,
     descendants,
     entries_of_raw,
+    is_cached,
     json_value,
     key_digest,
     lm_eval_version,
@@ -466,7 +467,7 @@ def evaluate_masks_in_workers(
     Returns
     -------
     int
-        The number of distinct masks handed to workers.
+        The number of distinct masks handed to workers (none whose tasks are all cached).
     """
     import subprocess
 
@@ -475,6 +476,15 @@ def evaluate_masks_in_workers(
     distinct: dict[str, tuple[str, np.ndarray | None]] = {}
     for name, keep_mask in masks.items():
         distinct.setdefault(mask_key(base_key, keep_mask, mode), (name, keep_mask))
+    # A model whose every task is cached needs no worker (a worker would load the model only to
+    # find that out): re-running the stage after an unrelated change starts none.
+    settings = _evaluate_defaults(kwargs)
+    distinct = {key: value for key, value in distinct.items()
+                if not all(is_cached(Path(cache_dir), name, task_key) for name, task_key in
+                           cache_key_dicts(tasks, task_dir, model_key=key, limit=limit,
+                                           num_fewshot=settings["num_fewshot"],
+                                           max_length=settings["max_length"],
+                                           bootstrap_iters=settings["bootstrap_iters"]).items())}
     shares = [list(distinct.values())[index::n_workers] for index in range(n_workers)]
     shares = [share for share in shares if share]
     code = ("import sys; from moecollab.evaluation.harness import _mask_worker; "
