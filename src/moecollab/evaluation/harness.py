@@ -135,7 +135,8 @@ def _docs_as_rows(task: Any) -> None:
 
     config = getattr(task, "config", None)
     dataset = getattr(task, "dataset", None)
-    if config is None or dataset is None or getattr(config, "process_docs", None) is not None:
+    if (config is None or not isinstance(dataset, dict)   # a DatasetDict is a dict
+            or getattr(config, "process_docs", None) is not None):
         return
     split = config.test_split or config.validation_split
     if split is not None and isinstance(dataset.get(split), datasets.Dataset):
