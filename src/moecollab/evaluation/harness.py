@@ -34,6 +34,7 @@ from moecollab.artifacts import read_json, text_sha256, write_json
 from moecollab.evaluation.cache import (
     cache_key_dicts,
     compact_samples,
+    definition_hashes,
     descendants,
     entries_of_raw,
     is_cached,
@@ -105,8 +106,6 @@ _LOADED_TASKS_KEPT = 4
 def _loaded_tasks(tasks: list[str], task_dir: str | os.PathLike | None) -> dict:
     """lm-eval's ``TaskManager.load`` of ``tasks``, memoised per process."""
     from lm_eval.tasks import TaskManager
-
-    from moecollab.evaluation.cache import definition_hashes
 
     key = (str(task_dir), tuple(tasks), tuple(sorted(definition_hashes(tasks, task_dir).items())))
     if key not in _LOADED_TASKS:
