@@ -314,3 +314,35 @@ def test_workers_fill_the_cache_with_what_one_process_computes(model, tokenizer,
         evaluation.evaluate_masks_in_workers(tmp_path / "stage_00", masks, task, task_dir,
                                              cache_dir=tmp_path / "cache", n_workers=0,
                                              **settings)
+
+
+def test_workers_take_the_next_unclaimed_model_each(tmp_path, monkeypatch):
+    # Two workers on one spec: whatever the interleaving, each model is evaluated exactly once,
+    # and a worker that starts late takes what is left instead of a fixed share.
+    from moecollab import models
+
+    masks = {"a": np.ones((2, 4), dtype=bool), "b": np.zeros((2, 4), dtype=bool)}
+    np.savez(tmp_path / "masks.npz", **masks)
+    (tmp_path / "claims").mkdir()
+    spec = {"stage_00_folder": "unused", "tasks": ["t"], "task_dir": "unused", "base_key": "k",
+            "mode": "mask", "cache_dir": "unused", "limit": None, "kwargs": {},
+            "masks": str(tmp_path / "masks.npz"), "order": ["a", "unpruned", "b"],
+            "unpruned": ["unpruned"], "claims": str(tmp_path / "claims")}
+    harness.write_json(tmp_path / "spec.json", spec)
+    monkeypatch.setattr(models, "load_reference_model", lambda *args, **kwargs: ("m", "t"))
+    evaluated: list[tuple[str, object]] = []
+    started = []
+
+    def record(model, tokenizer, keep_mask, *args, **kwargs):
+        evaluated.append((started[-1], None if keep_mask is None else keep_mask.sum()))
+        if len(evaluated) == 1:   # the second worker starts while the first is busy
+            started.append("second")
+            harness._mask_worker(str(tmp_path / "spec.json"))
+            started.append("first")
+
+    monkeypatch.setattr(harness, "_evaluate_mask", record)
+    started.append("first")
+    harness._mask_worker(str(tmp_path / "spec.json"))
+    assert evaluated == [("first", 8), ("second", None), ("second", 0)]
+    assert harness._claim(tmp_path / "claims" / "new") and \
+        not harness._claim(tmp_path / "claims" / "new")

@@ -9,10 +9,13 @@ second model as much as the first, and check that a rewritten task file is loade
 
 from __future__ import annotations
 
+import copy
+
 import lm_eval
 import pandas as pd
 import pytest
 import torch
+from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks import TaskManager
 from tiny_models import VOCAB_SIZE, tiny_model
 
@@ -95,15 +98,31 @@ def test_every_model_of_a_process_gets_simple_evaluates_numbers(tokenizer, tmp_p
         return real_load(self, *args, **kwargs)
 
     monkeypatch.setattr(TaskManager, "load", counting_load)
+    builds = []
+    real_build = ConfigurableTask.build_all_requests
+
+    def counting_build(self, **kwargs):
+        builds.append(self.config.task)
+        return real_build(self, **kwargs)
+
+    monkeypatch.setattr(ConfigurableTask, "build_all_requests", counting_build)
+    runs = []
     with hub_environment.hf_environment(tmp_path / "cache", offline=True):
-        for seed in (0, 1):   # the second model reuses the tasks the first one loaded
+        for seed in (0, 1):   # the second model reuses the tasks and requests of the first
             model = tiny_model("olmoe", seed=seed).eval()
+            builds_before = len(builds)
             ours = _run(model, tokenizer, tasks, tmp_path / "tasks")
+            n_built = len(builds) - builds_before
             loads_before = len(loads)
             theirs = _simple_evaluate(model, tokenizer, tasks, tmp_path / "tasks")
             assert len(loads) == loads_before + 1   # simple_evaluate loads them again
             _same_numbers(ours, theirs, tasks)
+            runs.append((ours, copy.deepcopy(ours), n_built))
     assert len(loads) == 1 + 2   # ours once for both models, simple_evaluate once per model
+    assert runs[0][2] > 0 and runs[1][2] == 0   # requests built for the first model only
+    # The first model's logged answers survived the second model's run on the same requests.
+    assert runs[0][0]["samples"] != runs[1][0]["samples"]
+    assert runs[0][0]["samples"] == runs[0][1]["samples"]
 
 
 def test_a_rewritten_task_file_is_loaded_again(tokenizer, tmp_path):

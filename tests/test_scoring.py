@@ -182,3 +182,25 @@ def test_every_family_keeps_its_logits_when_only_scored_positions_reach_the_outp
                             )._loglikelihood_tokens(requests, disable_tqdm=True)
     np.testing.assert_allclose([value for value, _ in found],
                                [value for value, _ in expected], rtol=0, atol=1e-4)
+
+
+def test_pairs_are_split_as_hflm_splits_them_and_once_per_tokenizer(model, tokenizer,
+                                                                    monkeypatch):
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    encodings: dict = {}
+    first = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=4,
+                            encodings=encodings)
+    pairs = [("The cell and the", " gene"), ("The cell and the ", "gene"),   # trailing space
+             ("The court", " and the judge are studied."), ("cell", "ular")]
+    for context, continuation in pairs:
+        assert (first._encode_pair(context, continuation)
+                == reference._encode_pair(context, continuation))
+    expected = reference._encode_pair(*pairs[1])
+    calls = []
+    monkeypatch.setattr(HFLM, "tok_encode", lambda *args, **kwargs: calls.append(args))
+    second = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=4,
+                             encodings=encodings)   # another model of the same study
+    split = second._encode_pair(*pairs[1])
+    assert split == expected and not calls
+    split[0].append(-1)   # a caller changing its lists does not change the memo
+    assert second._encode_pair(*pairs[1]) == expected

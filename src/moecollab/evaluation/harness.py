@@ -142,6 +142,37 @@ def _docs_as_rows(task: Any) -> None:
         dataset[split] = dataset[split].to_list()
 
 
+def _reuse_requests(task: Any, fewshot_seed: int) -> None:
+    """Let ``task`` hand out the requests it built for the previous model of this process.
+
+    lm-eval builds every request of a task (prompt, few-shot context, one object per option)
+    for each model it evaluates: ~7% of a model's time on stage 06's tasks. The requests depend
+    on the task and on ``build_all_requests``'s arguments, not on the model, so a loaded task
+    keeps the ones it built with each set of arguments and gives them back with their answers
+    cleared (new lists, so the samples an earlier model logged keep theirs).
+    """
+    if "build_all_requests" in vars(task):   # already wrapped
+        task._moecollab_fewshot_seed = fewshot_seed
+        return
+    build = task.build_all_requests
+    built: dict[tuple, list] = {}
+    task._moecollab_fewshot_seed = fewshot_seed
+
+    def build_all_requests(**kwargs: Any) -> None:
+        key = (task.get_config("num_fewshot"), task._moecollab_fewshot_seed,
+               tuple(sorted((name, repr(value)) for name, value in kwargs.items())))
+        if key not in built:
+            build(**kwargs)
+            built[key] = task._instances
+            return
+        for instance in built[key]:
+            instance.resps = []
+            instance.filtered_resps = {}
+        task._instances = built[key]
+
+    task.build_all_requests = build_all_requests
+
+
 def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | os.PathLike |
                  None, *, limit: int | float | None, batch_size: int, max_length: int | None,
                  num_fewshot: int, bootstrap_iters: int, random_seed: int) -> dict[str, Any]:
@@ -171,6 +202,7 @@ def _run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], task_dir: str | o
             if task.get_config("num_fewshot") != 0:  # a task's explicit 0 is never overridden
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=random_seed)
+            _reuse_requests(task, random_seed)
         raw = evaluate(lm=language_model, task_dict=loaded, limit=limit,
                        bootstrap_iters=bootstrap_iters, log_samples=True,
                        fewshot_as_multiturn=True, verbosity=None)
@@ -415,10 +447,7 @@ def evaluate_masks(
         raise ValueError(f"mode must be 'remove' or 'mask'; got {mode!r}")
     if not masks:
         raise ValueError("masks must name at least one keep-mask (None = unpruned); got none")
-    unknown = sorted(set(kwargs) - {"batch_size", "device", "max_length", "num_fewshot",
-                                    "bootstrap_iters", "offline", "random_seed"})
-    if unknown:
-        raise ValueError(f"unknown keyword argument(s) for evaluate: {', '.join(unknown)}")
+    _check_evaluate_kwargs(kwargs)
     device = kwargs.pop("device", None)
     if device is not None:
         from moecollab.models import resolve_device
@@ -426,20 +455,30 @@ def evaluate_masks(
         base_model.to(resolve_device(device))
     tables, items = [], []
     for name, keep_mask in tqdm(masks.items(), desc="keep-masks", disable=not progress):
-        key = mask_key(base_key, keep_mask, mode)
-
-        def model_factory(keep_mask: np.ndarray | None = keep_mask) -> Any:
-            return _pruned_copy(base_model, keep_mask, mode).eval()
-
-        raw = _evaluate(model_factory, tokenizer, tasks, task_dir, model_key=key, limit=limit,
-                        cache_dir=cache_dir, **_evaluate_defaults(kwargs))
+        raw = _evaluate_mask(base_model, tokenizer, keep_mask, tasks, task_dir,
+                             base_key=base_key, mode=mode, cache_dir=cache_dir, limit=limit,
+                             **kwargs)
         table = results_table(raw)
-        table.insert(0, "model_key", key)
+        table.insert(0, "model_key", raw["config"]["model_key"])
         table.insert(0, "mask", name)
         tables.append(table)
         items.append(item_table(raw).assign(mask=name))
         gc.collect()  # the pruned copy is unreachable now
     return _with_items(tables, items, return_items)
+
+
+def _evaluate_mask(base_model: Any, tokenizer: Any, keep_mask: np.ndarray | None,
+                   tasks: Sequence[str], task_dir: str | os.PathLike | None, *, base_key: str,
+                   mode: Literal["remove", "mask"], cache_dir: str | os.PathLike | None,
+                   limit: int | float | None, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_evaluate` of the base model pruned by one keep-mask (lm-eval's merged output)."""
+    key = mask_key(base_key, keep_mask, mode)
+
+    def model_factory() -> Any:
+        return _pruned_copy(base_model, keep_mask, mode).eval()
+
+    return _evaluate(model_factory, tokenizer, tasks, task_dir, model_key=key, limit=limit,
+                     cache_dir=cache_dir, **_evaluate_defaults(kwargs))
 
 
 def evaluate_masks_in_workers(
@@ -459,10 +498,11 @@ def evaluate_masks_in_workers(
 
     On a CPU, small models use two threads poorly: two processes of one thread each evaluate
     about twice the masks of one process in the same time. Each worker loads stage 00's model
-    itself (:func:`moecollab.models.load_reference_model`, on the CPU) and runs
-    :func:`evaluate_masks` on its share, writing the cache; :func:`evaluate_masks` called
-    afterwards with the same arguments reads every result from it. Masks with the same key are
-    evaluated once; masks already cached are skipped.
+    itself (:func:`moecollab.models.load_reference_model`, on the CPU) and evaluates the masks
+    one at a time, the next one that no other worker has taken, into the cache (it builds no
+    tables); :func:`evaluate_masks` called afterwards with the same arguments reads every
+    result from it. Masks with the same key are evaluated once; masks already cached are
+    skipped.
 
     Returns
     -------
@@ -473,6 +513,8 @@ def evaluate_masks_in_workers(
 
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
         raise ValueError(f"n_workers must be a positive int; got {n_workers!r}")
+    _check_evaluate_kwargs(kwargs)
+    kwargs = {name: value for name, value in kwargs.items() if name != "device"}  # CPU workers
     distinct: dict[str, tuple[str, np.ndarray | None]] = {}
     for name, keep_mask in masks.items():
         distinct.setdefault(mask_key(base_key, keep_mask, mode), (name, keep_mask))
@@ -485,26 +527,32 @@ def evaluate_masks_in_workers(
                                            num_fewshot=settings["num_fewshot"],
                                            max_length=settings["max_length"],
                                            bootstrap_iters=settings["bootstrap_iters"]).items())}
-    shares = [list(distinct.values())[index::n_workers] for index in range(n_workers)]
-    shares = [share for share in shares if share]
+    # Every worker reads the whole list and claims one model at a time (a file created
+    # exclusively in a shared folder), so a worker that finishes early takes the next model
+    # instead of idling while the other works through a fixed share. Which worker evaluates a
+    # model does not change its result (each run is seeded; tests/test_evaluation_harness.py).
+    pending = list(distinct.values())
+    n_started = min(n_workers, len(pending))
     code = ("import sys; from moecollab.evaluation.harness import _mask_worker; "
             "_mask_worker(sys.argv[1])")
     with tempfile.TemporaryDirectory(prefix="moecollab-masks-") as scratch:
-        running = []
-        for index, share in enumerate(shares):
-            arrays = {name: keep_mask for name, keep_mask in share if keep_mask is not None}
-            np.savez(Path(scratch) / f"masks{index}.npz", **arrays)
-            spec = {"stage_00_folder": str(stage_00_folder), "tasks": list(tasks),
-                    "task_dir": str(task_dir), "base_key": base_key, "mode": mode,
-                    "cache_dir": str(cache_dir), "limit": limit, "kwargs": dict(kwargs),
-                    "masks": str(Path(scratch) / f"masks{index}.npz"),
-                    "unpruned": [name for name, keep_mask in share if keep_mask is None]}
-            spec_path = Path(scratch) / f"spec{index}.json"
-            write_json(spec_path, spec)
-            environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            running.append(subprocess.Popen(
-                [sys.executable, "-c", code, str(spec_path)], env=environment,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        arrays = {name: keep_mask for name, keep_mask in pending if keep_mask is not None}
+        np.savez(Path(scratch) / "masks.npz", **arrays)
+        (Path(scratch) / "claims").mkdir()
+        spec = {"stage_00_folder": str(stage_00_folder), "tasks": list(tasks),
+                "task_dir": str(task_dir), "base_key": base_key, "mode": mode,
+                "cache_dir": str(cache_dir), "limit": limit, "kwargs": dict(kwargs),
+                "masks": str(Path(scratch) / "masks.npz"),
+                "order": [name for name, _ in pending],
+                "unpruned": [name for name, keep_mask in pending if keep_mask is None],
+                "claims": str(Path(scratch) / "claims")}
+        spec_path = Path(scratch) / "spec.json"
+        write_json(spec_path, spec)
+        environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        running = [subprocess.Popen([sys.executable, "-c", code, str(spec_path)],
+                                    env=environment, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+                   for _ in range(n_started)]
         failures = []
         for process in running:
             _, stderr = process.communicate()
@@ -517,7 +565,8 @@ def evaluate_masks_in_workers(
 
 
 def _mask_worker(spec_path: str) -> None:
-    """One worker of :func:`evaluate_masks_in_workers` (a child process)."""
+    """One worker of :func:`evaluate_masks_in_workers` (a child process): evaluates, into the
+    cache, each model of the spec's list that no other worker has claimed yet."""
     import torch
 
     from moecollab.models import load_reference_model
@@ -525,12 +574,25 @@ def _mask_worker(spec_path: str) -> None:
     torch.set_num_threads(1)
     spec = read_json(spec_path)
     with np.load(spec["masks"]) as stored:
-        masks: dict[str, np.ndarray | None] = {name: stored[name] for name in stored.files}
-    masks |= {name: None for name in spec["unpruned"]}
+        arrays: dict[str, np.ndarray] = {name: stored[name] for name in stored.files}
     model, tokenizer = load_reference_model(spec["stage_00_folder"], device="cpu")
-    evaluate_masks(model, tokenizer, masks, spec["tasks"], spec["task_dir"],
-                   base_key=spec["base_key"], mode=spec["mode"], cache_dir=spec["cache_dir"],
-                   limit=spec["limit"], progress=False, **spec["kwargs"])
+    for index, name in enumerate(spec["order"]):
+        if not _claim(Path(spec["claims"]) / str(index)):
+            continue
+        keep_mask = None if name in spec["unpruned"] else arrays[name]
+        _evaluate_mask(model, tokenizer, keep_mask, spec["tasks"], spec["task_dir"],
+                       base_key=spec["base_key"], mode=spec["mode"], cache_dir=spec["cache_dir"],
+                       limit=spec["limit"], **spec["kwargs"])
+        gc.collect()
+
+
+def _claim(path: Path) -> bool:
+    """True for the one caller that creates ``path`` (atomic on a local file system)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _with_items(tables: list[pd.DataFrame], items: list[pd.DataFrame], return_items: bool
@@ -716,6 +778,13 @@ def evaluate_checkpoints(
         tables.append(table)
         items.append(item_table(raw).assign(mask=name))
     return _with_items(tables, items, return_items)
+
+
+def _check_evaluate_kwargs(kwargs: Mapping[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - {"batch_size", "device", "max_length", "num_fewshot",
+                                    "bootstrap_iters", "offline", "random_seed"})
+    if unknown:
+        raise ValueError(f"unknown keyword argument(s) for evaluate: {', '.join(unknown)}")
 
 
 def _evaluate_defaults(kwargs: Mapping[str, Any]) -> dict[str, Any]:
