@@ -205,25 +205,3 @@ def test_pairs_are_split_as_hflm_splits_them_and_once_per_tokenizer(model, token
     split[0].append(-1)   # a caller changing its lists does not change the memo
     assert second._encode_pair(*pairs[1]) == expected
 
-
-def test_texts_encoded_in_one_call_equal_lm_evals_encoding_of_each(model, tokenizer,
-                                                                  monkeypatch):
-    shared = SharedContextLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
-    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
-    pairs = [("The cell and the", " gene"), ("The cell and the ", "gene"),
-             ("The cell and the  ", " gene"), ("naïve court", " é"), ("x", "y"),
-             (reference.tokenizer.decode(reference.prefix_token_id) + " The", " judge")]
-    expected = [reference._encode_pair(context, continuation) for context, continuation in pairs]
-    calls = []
-    real_call = type(tokenizer).__call__
-
-    def counting_call(self, text, *args, **kwargs):
-        calls.append(text)
-        return real_call(self, text, *args, **kwargs)
-
-    monkeypatch.setattr(type(tokenizer), "__call__", counting_call)
-    shared._encode_in_one_call(pairs)
-    assert len(calls) <= 2   # one call per set of tokenizer options, not one per text
-    monkeypatch.setattr(HFLM, "tok_encode", lambda *args, **kwargs: pytest.fail("encoded again"))
-    # Every split now comes from the memo, and is lm-eval's.
-    assert [shared._encode_pair(*pair) for pair in pairs] == expected

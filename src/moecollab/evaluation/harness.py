@@ -146,7 +146,8 @@ def _reuse_requests(task: Any, fewshot_seed: int) -> None:
     """Let ``task`` hand out the requests it built for the previous model of this process.
 
     lm-eval builds every request of a task (prompt, few-shot context, one object per option)
-    for each model it evaluates: ~7% of a model's time on stage 06's tasks. The requests depend
+    for each model it evaluates: ~7% of a model's time on tasks shaped like stage 06's
+    (`benchmarks/bench_evaluation.py`'s). The requests depend
     on the task and on ``build_all_requests``'s arguments, not on the model, so a loaded task
     keeps the ones it built with each set of arguments and gives them back with their answers
     cleared (new lists, so the samples an earlier model logged keep theirs).
