@@ -327,7 +327,7 @@ def test_workers_take_the_next_unclaimed_model_each(tmp_path, monkeypatch):
     spec = {"stage_00_folder": "unused", "tasks": ["t"], "task_dir": "unused", "base_key": "k",
             "mode": "mask", "cache_dir": "unused", "limit": None, "kwargs": {},
             "masks": str(tmp_path / "masks.npz"), "order": ["a", "unpruned", "b"],
-            "unpruned": ["unpruned"], "claims": str(tmp_path / "claims")}
+            "claims": str(tmp_path / "claims")}
     harness.write_json(tmp_path / "spec.json", spec)
     monkeypatch.setattr(models, "load_reference_model", lambda *args, **kwargs: ("m", "t"))
     evaluated: list[tuple[str, object]] = []

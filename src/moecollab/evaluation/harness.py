@@ -547,8 +547,7 @@ def evaluate_masks_in_workers(
                 "task_dir": str(task_dir), "base_key": base_key, "mode": mode,
                 "cache_dir": str(cache_dir), "limit": limit, "kwargs": dict(kwargs),
                 "masks": str(Path(scratch) / "masks.npz"),
-                "order": [name for name, _ in pending],
-                "unpruned": [name for name, keep_mask in pending if keep_mask is None],
+                "order": [name for name, _ in pending],   # not in masks.npz: unpruned
                 "claims": str(Path(scratch) / "claims")}
         spec_path = Path(scratch) / "spec.json"
         write_json(spec_path, spec)
@@ -583,7 +582,7 @@ def _mask_worker(spec_path: str) -> None:
     for index, name in enumerate(spec["order"]):
         if not _claim(Path(spec["claims"]) / str(index)):
             continue
-        keep_mask = None if name in spec["unpruned"] else arrays[name]
+        keep_mask = arrays.get(name)   # not stored: the unpruned model
         _evaluate_mask(model, tokenizer, keep_mask, spec["tasks"], spec["task_dir"],
                        base_key=spec["base_key"], mode=spec["mode"], cache_dir=spec["cache_dir"],
                        limit=spec["limit"], **spec["kwargs"])
